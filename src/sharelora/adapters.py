@@ -1,0 +1,308 @@
+"""The per-user LoRA layer (every method) and how a batch's user ids reach it.
+
+For user ``u`` an adapted layer computes::
+
+    y = W0 x + b + s * B_u C_u A_u x          s = alpha / r
+
+        x ──► W0 (frozen) ───────────────────────────────┐
+        │                                                ▼
+        └─► dropout ─► A_u [r,in] ─► C_u [r,r] ─► B_u [out,r] ─► * s ─► (+) ─► y
+
+where, depending on ``method``, each factor is either shared by all users or taken from a stacked
+per-user table (design §1):
+
+    method        A            C          B
+    shared        A            -          B
+    independent   A_u          -          B_u
+    sharelora     A_u          -          B        (the default: P-ShareLoRA)
+    sharelora-b   A            -          B_u
+    core          A            C_u        B
+    diag          A            diag(d_u)  B
+
+Per-user factors live in one tensor per layer (``user_A: [N, r, in]``, ...), gathered by user id
+and applied with ``torch.bmm``: no module per user and no Python loop over users.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import copy
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+from transformers.pytorch_utils import Conv1D
+
+# Which factors each method keeps per user (the others are shared) and its mixing core.
+# core: None (B A), "core" (B C_u A) or "diag" (B diag(d_u) A).
+METHODS: dict[str, dict] = {
+    "shared": {"user_a": False, "user_b": False, "core": None},
+    "independent": {"user_a": True, "user_b": True, "core": None},
+    "sharelora": {"user_a": True, "user_b": False, "core": None},
+    "sharelora-b": {"user_a": False, "user_b": True, "core": None},
+    "core": {"user_a": False, "user_b": False, "core": "core"},
+    "diag": {"user_a": False, "user_b": False, "core": "diag"},
+}
+USER_INITS = ("same", "independent")
+
+
+@dataclass
+class AdapterConfig:
+    """How every target layer is adapted.
+
+    Attributes:
+        method: one of ``METHODS`` (see the module docstring).
+        rank: LoRA rank ``r``.
+        alpha: scaling numerator; the update is multiplied by ``alpha / rank``.
+        dropout: dropout on the adapter's input (not on the frozen path).
+        targets: module-name suffixes to adapt, e.g. ``["query", "value"]``; ``None`` picks the
+            architecture's default (``query,value`` for BERT, ``q_proj,v_proj`` for Llama, ...).
+        user_init: ``"same"`` starts every ``A_u`` (or ``B_u`` ...) from one Kaiming draw, as the
+            reference code does; ``"independent"`` draws each user's factor separately.
+    """
+
+    method: str = "sharelora"
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] | None = field(default=None)
+    user_init: str = "same"
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of: {', '.join(METHODS)}")
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"rank must be a positive integer (e.g. 8), got {self.rank!r}")
+        if not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
+            raise ValueError(f"alpha must be a positive number (e.g. 16), got {self.alpha!r}")
+        self.alpha = float(self.alpha)
+        if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if isinstance(self.targets, str):
+            self.targets = [t.strip() for t in self.targets.split(",")]
+        if self.targets is not None:
+            self.targets = list(self.targets)
+            if not self.targets or not all(isinstance(t, str) and t for t in self.targets):
+                raise ValueError(
+                    f"targets must be non-empty module-name suffixes such as ['query', 'value'], "
+                    f"got {self.targets!r}"
+                )
+        if self.user_init not in USER_INITS:
+            raise ValueError(f"user_init must be one of {USER_INITS}, got {self.user_init!r}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    @property
+    def personalized(self) -> bool:
+        spec = METHODS[self.method]
+        return spec["user_a"] or spec["user_b"] or spec["core"] is not None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class UserRouter:
+    """Carries one forward call's user ids from the model to all of its adapter layers.
+
+    The ids live in a ``ContextVar`` set only for the duration of ``route(...)``, so concurrent
+    calls in other threads never see them. Activation checkpointing re-runs layers during
+    backward, after ``route`` has exited; ``checkpoint_contexts`` captures the ids at forward
+    time and re-establishes them for the recomputation (``torch.utils.checkpoint``'s
+    ``context_fn``).
+    """
+
+    def __init__(self, num_users: int):
+        self.num_users = num_users
+        self._ids: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar(
+            "sharelora_user_ids", default=None
+        )
+
+    @contextlib.contextmanager
+    def route(self, user_ids: torch.Tensor | None):
+        if user_ids is not None:
+            user_ids = self.validate(user_ids)
+        token = self._ids.set(user_ids)
+        try:
+            yield
+        finally:
+            self._ids.reset(token)
+
+    def validate(self, user_ids: torch.Tensor) -> torch.Tensor:
+        if not isinstance(user_ids, torch.Tensor):
+            user_ids = torch.as_tensor(user_ids)
+        if user_ids.dim() != 1 or user_ids.dtype not in (torch.int32, torch.int64):
+            raise ValueError(
+                f"user_ids must be a 1-D integer tensor [batch], got dtype {user_ids.dtype} "
+                f"and shape {tuple(user_ids.shape)}"
+            )
+        if user_ids.numel() and (int(user_ids.min()) < 0 or int(user_ids.max()) >= self.num_users):
+            raise ValueError(
+                f"user_ids out of range: got values in [{int(user_ids.min())}, "
+                f"{int(user_ids.max())}] but the model has {self.num_users} users (ids 0.."
+                f"{self.num_users - 1}); map names with model.users.encode(...)"
+            )
+        return user_ids.long()
+
+    def __deepcopy__(self, memo):
+        # A ContextVar cannot be copied; a copied model gets its own router (no ids in flight).
+        return UserRouter(self.num_users)
+
+    def current(self) -> torch.Tensor | None:
+        return self._ids.get()
+
+    def checkpoint_contexts(self):
+        """``context_fn`` for non-reentrant ``torch.utils.checkpoint``."""
+        ids = self._ids.get()
+        return contextlib.nullcontext(), self.route(ids)
+
+
+def _kaiming_(t: torch.Tensor) -> torch.Tensor:
+    # The initialisation nn.Linear and PEFT use for A; fan_in is the last dimension.
+    return nn.init.kaiming_uniform_(t, a=math.sqrt(5))
+
+
+class PersonalLoRALayer(nn.Module):
+    """Wraps a frozen ``nn.Linear`` or transformers ``Conv1D`` with per-user low-rank updates.
+
+    Args:
+        base_layer: the layer to adapt; its weight is ``[out, in]`` (Linear) or ``[in, out]``
+            (Conv1D, GPT-2's layout).
+        config: the adapter configuration.
+        num_users: ``N``, rows of every per-user table.
+        router: supplies the batch's user ids at forward time.
+
+    Parameters (present depending on the method):
+        lora_A ``[r, in]``, lora_B ``[out, r]`` shared;
+        user_A ``[N, r, in]``, user_B ``[N, out, r]``, user_C ``[N, r, r]``, user_d ``[N, r]``.
+
+    B (or B_u) starts at zero, so the adapted model equals the backbone at step 0; C_u starts at
+    the identity and d_u at one, so the first step moves B and every later step moves them all.
+    """
+
+    def __init__(
+        self, base_layer: nn.Module, config: AdapterConfig, num_users: int, router: UserRouter
+    ):
+        super().__init__()
+        if not isinstance(base_layer, (nn.Linear, Conv1D)):
+            raise TypeError(f"can only adapt nn.Linear or Conv1D, got {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
+        weight = base_layer.weight
+        in_f, out_f = weight.shape if self.fan_in_fan_out else weight.shape[::-1]
+        self.in_features, self.out_features = in_f, out_f
+        self.method = config.method
+        self.rank = r = config.rank
+        self.scale = config.scale
+        self.router = router
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+
+        spec = METHODS[config.method]
+        self.user_a, self.user_b, self.core = spec["user_a"], spec["user_b"], spec["core"]
+        # Adapters train in fp32 (or fp64 in exactness tests) whatever the backbone's dtype.
+        kw = {"device": weight.device, "dtype": weight.dtype}
+        if weight.dtype not in (torch.float32, torch.float64):
+            kw["dtype"] = torch.float32
+        independent = config.user_init == "independent"
+        if self.user_a:
+            self.user_A = nn.Parameter(self._user_table(num_users, (r, in_f), kw, independent))
+        else:
+            self.lora_A = nn.Parameter(_kaiming_(torch.empty(r, in_f, **kw)))
+        if self.user_b:
+            self.user_B = nn.Parameter(torch.zeros(num_users, out_f, r, **kw))
+        else:
+            self.lora_B = nn.Parameter(torch.zeros(out_f, r, **kw))
+        if self.core == "core":
+            eye = torch.eye(r, **kw)
+            self.user_C = nn.Parameter(eye.expand(num_users, r, r).clone())
+        elif self.core == "diag":
+            self.user_d = nn.Parameter(torch.ones(num_users, r, **kw))
+        base_layer.requires_grad_(False)
+
+    @staticmethod
+    def _user_table(n: int, shape: tuple, kw: dict, independent: bool) -> torch.Tensor:
+        if independent:
+            return _kaiming_(torch.empty(n, *shape, **kw).view(n * shape[0], shape[1])).view(
+                n, *shape
+            )
+        return _kaiming_(torch.empty(*shape, **kw)).expand(n, *shape).clone()
+
+    @property
+    def user_parameters(self) -> dict[str, nn.Parameter]:
+        """The per-user tables of this layer, by attribute name (first dim is the user)."""
+        names = ("user_A", "user_B", "user_C", "user_d")
+        return {n: getattr(self, n) for n in names if hasattr(self, n)}
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        out = self.base_layer(x, *args, **kwargs)
+        ids = self.router.current()
+        personal = self.user_a or self.user_b or self.core is not None
+        if personal:
+            if ids is None:
+                raise ValueError(
+                    f"method {self.method!r} is personalized: pass user_ids=[batch] to the "
+                    "model's forward"
+                )
+            if ids.shape[0] != x.shape[0]:
+                raise ValueError(
+                    f"user_ids has {ids.shape[0]} entries but the batch has {x.shape[0]} rows; "
+                    "give one user id per row (chosen and rejected rows each need theirs)"
+                )
+            ids = ids.to(x.device)
+        lead = x.shape[:-1]
+        h = self.dropout(x).to(self._dtype).reshape(x.shape[0], -1, self.in_features)  # [b,T,in]
+        if self.user_a:
+            z = torch.bmm(h, self.user_A[ids].transpose(1, 2))  # [b,T,in] x [b,in,r] -> [b,T,r]
+        else:
+            z = h @ self.lora_A.T  # [b,T,r]
+        if self.core == "core":
+            z = torch.bmm(z, self.user_C[ids].transpose(1, 2))  # [b,T,r] x [b,r,r]
+        elif self.core == "diag":
+            z = z * self.user_d[ids].unsqueeze(1)  # [b,T,r] * [b,1,r]
+        if self.user_b:
+            delta = torch.bmm(z, self.user_B[ids].transpose(1, 2))  # [b,T,r] x [b,r,out]
+        else:
+            delta = z @ self.lora_B.T  # [b,T,out]
+        return out + (delta * self.scale).reshape(*lead, self.out_features).to(out.dtype)
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        return next(iter(self.parameters(recurse=False))).dtype
+
+    def effective_factors(self, user_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A_eff [r, in], B_eff [out, r])`` with ``ΔW_u = scale * B_eff @ A_eff``.
+
+        The factors a plain LoRA (PEFT) adapter for this user holds: core folds ``C_u`` into A,
+        diag folds ``diag(d_u)`` into A.
+        """
+        if user_id is None and self.method != "shared":
+            raise ValueError(f"method {self.method!r} needs a user id for its factors")
+        a = self.user_A[user_id] if self.user_a else self.lora_A
+        b = self.user_B[user_id] if self.user_b else self.lora_B
+        if self.core == "core":
+            a = self.user_C[user_id] @ a
+        elif self.core == "diag":
+            a = self.user_d[user_id].unsqueeze(1) * a
+        return a.detach(), b.detach()
+
+    def delta_weight(self, user_id: int | None) -> torch.Tensor:
+        """``ΔW_u = scale * B_eff @ A_eff`` in the base layer's layout (Conv1D: ``[in, out]``)."""
+        a, b = self.effective_factors(user_id)
+        delta = self.scale * (b @ a)  # [out, in]
+        return delta.T if self.fan_in_fan_out else delta
+
+    def merged_base(self, user_id: int | None) -> nn.Module:
+        """A plain copy of the base layer with ``W0 + ΔW_u`` fused in; the original is untouched."""
+        layer = copy.deepcopy(self.base_layer)
+        w = layer.weight
+        w.data = (w.data.to(self._dtype) + self.delta_weight(user_id)).to(w.dtype)
+        return layer
+
+    def extra_repr(self) -> str:
+        return (
+            f"method={self.method}, in={self.in_features}, out={self.out_features}, "
+            f"r={self.rank}, scale={self.scale:g}"
+        )
