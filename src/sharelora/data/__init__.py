@@ -1,0 +1,18 @@
+"""Preference data: reading, validation, per-user splits, builders and batching."""
+
+from .collate import PairDataset, PairTokenizer
+from .read import Columns, Comparison, DataError, ReadReport, read_preferences
+from .split import SplitConfig, Splits, split_per_user
+
+__all__ = [
+    "Columns",
+    "Comparison",
+    "DataError",
+    "PairDataset",
+    "PairTokenizer",
+    "ReadReport",
+    "SplitConfig",
+    "Splits",
+    "read_preferences",
+    "split_per_user",
+]
