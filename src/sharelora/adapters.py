@@ -61,6 +61,9 @@ class AdapterConfig:
             architecture's default (``query,value`` for BERT, ``q_proj,v_proj`` for Llama, ...).
         user_init: ``"same"`` starts every ``A_u`` (or ``B_u`` ...) from one Kaiming draw, as the
             reference code does; ``"independent"`` draws each user's factor separately.
+        top_layers: adapt only the targets in the top k transformer blocks (``None``: all). The
+            frozen blocks below then depend on the text alone, so training can cache their
+            output once per text (``sharelora.prefix``).
     """
 
     method: str = "sharelora"
@@ -69,6 +72,7 @@ class AdapterConfig:
     dropout: float = 0.0
     targets: list[str] | None = field(default=None)
     user_init: str = "same"
+    top_layers: int | None = None
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -89,6 +93,14 @@ class AdapterConfig:
                     f"targets must be non-empty module-name suffixes such as ['query', 'value'], "
                     f"got {self.targets!r}"
                 )
+        if self.top_layers is not None and (
+            isinstance(self.top_layers, bool)
+            or not isinstance(self.top_layers, int)
+            or self.top_layers < 1
+        ):
+            raise ValueError(
+                f"top_layers must be a positive integer or None, got {self.top_layers!r}"
+            )
         if self.user_init not in USER_INITS:
             raise ValueError(f"user_init must be one of {USER_INITS}, got {self.user_init!r}")
 

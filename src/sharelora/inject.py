@@ -47,6 +47,31 @@ def linear_suffixes(model: nn.Module) -> list[str]:
     return sorted(seen)
 
 
+def transformer_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The stack of transformer blocks (``bert.encoder.layer``, ``model.layers``, ...): the
+    longest ``nn.ModuleList`` that holds linear layers."""
+    best = None
+    for name, module in model.named_modules():
+        if (
+            isinstance(module, nn.ModuleList)
+            and len(module) > 0
+            and any(isinstance(m, ADAPTABLE) for m in module.modules())
+            and (best is None or len(module) > len(best[1]))
+        ):
+            best = (name, module)
+    if best is None:
+        raise ValueError(f"{type(model).__name__} has no stack of transformer blocks")
+    return best
+
+
+def block_of(name: str, blocks_path: str) -> int | None:
+    """Index of the block that holds module ``name``, or ``None`` outside the stack."""
+    prefix = blocks_path + "."
+    if not name.startswith(prefix):
+        return None
+    return int(name[len(prefix) :].split(".", 1)[0])
+
+
 def _matches(name: str, target: str) -> bool:
     return name == target or name.endswith("." + target)
 
@@ -87,6 +112,14 @@ def inject_adapters(
     if config.targets is None:
         config.targets = default_targets(model)
     names = find_targets(model, config.targets)
+    if config.top_layers is not None:
+        path, blocks = transformer_blocks(model)
+        if config.top_layers > len(blocks):
+            raise ValueError(
+                f"top_layers={config.top_layers} but the model has {len(blocks)} blocks"
+            )
+        first = len(blocks) - config.top_layers
+        names = [n for n in names if (block_of(n, path) or 0) >= first]
     layers = {}
     for name in names:
         parent_name, _, child = name.rpartition(".")

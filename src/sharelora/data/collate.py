@@ -103,17 +103,20 @@ class PairDataset(Dataset):
             for a, b in zip(self.chosen["input_ids"], self.rejected["input_ids"], strict=True)
         ]
 
-    def __getitem__(self, i: int) -> tuple[dict, dict, int]:
+    def __getitem__(self, i: int) -> tuple[dict, dict, int, int]:
         return (
             {k: v[i] for k, v in self.chosen.items()},
             {k: v[i] for k, v in self.rejected.items()},
             self.user_ids[i],
+            i,
         )
 
-    def collate(self, items: list[tuple[dict, dict, int]]) -> dict[str, torch.Tensor]:
-        """``2*B`` rows: chosen ``[0, B)``, rejected ``[B, 2B)``, user ids repeated."""
-        rows = [c for c, _, _ in items] + [r for _, r, _ in items]
+    def collate(self, items: list[tuple[dict, dict, int, int]]) -> dict[str, torch.Tensor]:
+        """``2*B`` rows: chosen ``[0, B)``, rejected ``[B, 2B)``, user ids repeated; ``index``
+        ``[B]`` gives each pair's position in the dataset."""
+        rows = [item[0] for item in items] + [item[1] for item in items]
         batch = dict(self.encoder.tokenizer.pad(rows, return_tensors="pt"))
-        ids = torch.tensor([u for _, _, u in items], dtype=torch.long)
+        ids = torch.tensor([item[2] for item in items], dtype=torch.long)
         batch["user_ids"] = torch.cat([ids, ids])
+        batch["index"] = torch.tensor([item[3] for item in items], dtype=torch.long)
         return batch

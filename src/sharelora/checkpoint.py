@@ -1,0 +1,98 @@
+"""Training checkpoints in safetensors + JSON (no pickles), written atomically.
+
+A checkpoint directory holds the model (``save_pretrained``), ``optimizer.safetensors`` (every
+tensor of the optimizer state and the RNG states) and ``trainer_state.json`` (the rest: param
+groups, scheduler, position in the data, Python RNG, best metric).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+STATE_FILE = "trainer_state.json"
+TENSORS_FILE = "optimizer.safetensors"
+
+
+def _split_optimizer_state(state: dict) -> tuple[dict, dict]:
+    tensors, plain = {}, {}
+    for pid, slots in state["state"].items():
+        plain[str(pid)] = {}
+        for name, value in slots.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{pid}.{name}"] = value.detach().contiguous().cpu()
+            else:
+                plain[str(pid)][name] = value
+    return tensors, {"state": plain, "param_groups": state["param_groups"]}
+
+
+def _join_optimizer_state(tensors: dict, meta: dict) -> dict:
+    state = {int(pid): dict(slots) for pid, slots in meta["state"].items()}
+    for key, value in tensors.items():
+        if key.startswith("state."):
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def atomic_dir(final: Path):
+    """A temporary sibling directory to fill; ``commit(tmp)`` swaps it in by rename."""
+    tmp = final.with_name(final.name + f".tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def commit(tmp: Path, final: Path) -> None:
+    old = final.with_name(final.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def save_checkpoint(directory: Path, model, optimizer, scheduler, progress: dict) -> None:
+    """Write model + optimizer + scheduler + RNG + ``progress`` (epoch, step, ...)."""
+    tmp = atomic_dir(directory)
+    model.save_pretrained(tmp / "model", training=progress)
+    tensors, meta = _split_optimizer_state(optimizer.state_dict())
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    save_file(tensors, tmp / TENSORS_FILE)
+    py_state = random.getstate()
+    state = {
+        "optimizer": meta,
+        "scheduler": scheduler.state_dict(),
+        "progress": progress,
+        "python_rng": [py_state[0], list(py_state[1]), py_state[2]],
+    }
+    (tmp / STATE_FILE).write_text(json.dumps(state))
+    commit(tmp, directory)
+
+
+def load_checkpoint(directory: Path, model, optimizer, scheduler) -> dict:
+    """Restore what ``save_checkpoint`` wrote into live objects; returns ``progress``."""
+    model.load_trainable(directory / "model" / "adapters.safetensors")
+    tensors = load_file(directory / TENSORS_FILE)
+    state = json.loads((directory / STATE_FILE).read_text())
+    optimizer.load_state_dict(_join_optimizer_state(tensors, state["optimizer"]))
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    version, internal, gauss = state["python_rng"]
+    random.setstate((version, tuple(internal), gauss))
+    return state["progress"]

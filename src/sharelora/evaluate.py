@@ -1,0 +1,117 @@
+"""Per-user metrics: accuracy (a tie counts half), Bradley-Terry loss, macro and micro averages."""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+
+
+def pair_rewards(model, batch: dict, cache=None, indices=None) -> torch.Tensor:
+    """Rewards ``[2B]`` for a collated pair batch (chosen rows first), through the prefix cache
+    when one is given (``indices``: each row's cached-state index)."""
+    inputs = {k: v for k, v in batch.items() if k != "index"}
+    if cache is None:
+        return model(**inputs)
+    hidden = cache.batch(indices, inputs["attention_mask"])
+    with cache.use(hidden):
+        return model(**inputs)
+
+
+def bt_loss(rewards: torch.Tensor) -> torch.Tensor:
+    """``-log σ(r+ − r−)`` per pair, from ``[2B]`` rewards (chosen first)."""
+    chosen, rejected = rewards.chunk(2)
+    return -F.logsigmoid(chosen - rejected)
+
+
+def summarize(
+    users: list[str],
+    margins: list[float],
+    method: str,
+    split: str,
+    seed: int = 0,
+    bootstrap: int = 1000,
+) -> dict:
+    """The ``metrics.json`` dict (design §4) from per-pair margins ``r+ − r−``."""
+    per_user = defaultdict(lambda: {"correct": 0.0, "loss": 0.0, "n": 0})
+    for user, m in zip(users, margins, strict=True):
+        s = per_user[user]
+        s["correct"] += 1.0 if m > 0 else 0.5 if m == 0 else 0.0
+        s["loss"] += float(F.softplus(torch.tensor(-m, dtype=torch.float64)))
+        s["n"] += 1
+    table = {
+        u: {"accuracy": s["correct"] / s["n"], "loss": s["loss"] / s["n"], "n": s["n"]}
+        for u, s in sorted(per_user.items())
+    }
+    accs = [v["accuracy"] for v in table.values()]
+    out = {
+        "method": method,
+        "split": split,
+        "users": table,
+        "macro_accuracy": sum(accs) / len(accs) if accs else float("nan"),
+        "micro_accuracy": sum(s["correct"] for s in per_user.values()) / max(len(margins), 1),
+        "loss": sum(s["loss"] for s in per_user.values()) / max(len(margins), 1),
+        "n": len(margins),
+    }
+    if accs and bootstrap:
+        out["macro_accuracy_ci95"] = bootstrap_ci(accs, seed, bootstrap)
+    return out
+
+
+def bootstrap_ci(values: list[float], seed: int = 0, rounds: int = 1000) -> list[float]:
+    """95% percentile interval of the mean, resampling users with replacement."""
+    rng = random.Random(seed)
+    means = sorted(sum(rng.choices(values, k=len(values))) / len(values) for _ in range(rounds))
+    return [means[int(0.025 * rounds)], means[min(int(0.975 * rounds), rounds - 1)]]
+
+
+@torch.no_grad()
+def predict_margins(
+    model, ds, batch_size: int = 32, accelerator=None, rewards_fn=None
+) -> list[float]:
+    """``r+ − r−`` for every pair of a ``PairDataset``, in dataset order (gathered across
+    processes when ``accelerator`` is given)."""
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=ds.collate)
+    if accelerator is not None:
+        loader = accelerator.prepare(loader)
+    device = next(model.parameters()).device
+    model.eval()
+    margins: list[float] = [0.0] * len(ds)
+    for batch in loader:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        rewards = rewards_fn(model, ds, batch) if rewards_fn else pair_rewards(model, batch)
+        chosen, rejected = rewards.float().chunk(2)
+        margin, index = chosen - rejected, batch["index"]
+        if accelerator is not None:
+            margin, index = accelerator.gather_for_metrics((margin, index))
+        for i, m in zip(index.tolist(), margin.tolist(), strict=True):
+            margins[i] = m
+    return margins
+
+
+def evaluate(
+    model, data, batch_size: int = 32, split: str = "test", seed: int = 0, prefix_cache=None
+) -> dict:
+    """``metrics.json`` for ``model`` on comparisons ``data`` (users must be known).
+
+    ``prefix_cache`` (from training on the same backbone) skips the frozen blocks when the
+    model's adapters sit in its top blocks only.
+    """
+    from .prefix import PrefixCache
+    from .train import _Run
+
+    unknown = sorted({c.user for c in data} - set(model.users))
+    if unknown:
+        raise ValueError(
+            f"{len(unknown)} user(s) in the data are not in the model: {', '.join(unknown[:5])}"
+        )
+    cache = None
+    if prefix_cache is not None and model.adapter_config.top_layers:
+        cache = PrefixCache(model, store=prefix_cache)
+    run = _Run(model, None, data, model.max_length, cache, progress=False)
+    margins = predict_margins(model, run.val, batch_size, rewards_fn=run.rewards)
+    return summarize([c.user for c in data], margins, model.adapter_config.method, split, seed)

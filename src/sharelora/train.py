@@ -1,0 +1,318 @@
+"""The training loop: one ``accelerate`` loop for CPU, one GPU, or many (``accelerate launch``)."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers.trainer_pt_utils import LengthGroupedSampler
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .data import Comparison, PairDataset, PairTokenizer
+from .evaluate import bt_loss, pair_rewards, predict_margins, summarize
+from .optim import SCHEDULES, build_optimizer, build_scheduler
+from .prefix import PrefixCache
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss, missing checkpoint to resume, ...)."""
+
+
+@dataclass
+class TrainConfig:
+    """How to train. Defaults suit LoRA on a small backbone on a laptop CPU.
+
+    Attributes:
+        epochs: passes over the training pairs (including ``warmup_epochs``).
+        lr: peak learning rate (AdamW) for adapters and head.
+        weight_decay: on shared factors and the head only; never on per-user tables.
+        batch_size: pairs per optimizer step and process group (global across processes).
+        grad_accum: batches accumulated per optimizer step.
+        max_grad_norm: gradient clipping (0 disables).
+        warmup_ratio, schedule: learning-rate warm-up fraction, then linear/cosine/constant.
+        warmup_epochs: the reference two-stage recipe: train these epochs as ``shared`` (all
+            users routed to one row), then copy that row to every user and personalize.
+        eval_every: evaluate on validation every this many optimizer steps (0: each epoch).
+        seed: seeds initialisation, data order and dropout.
+        max_length: token budget for prompt + response.
+        gradient_checkpointing: recompute activations in backward (less memory, slower).
+        group_by_length: batch pairs of similar length (less padding), seeded.
+        cache_prefix: with ``AdapterConfig.top_layers``, cache the frozen blocks once per text.
+        progress: show tqdm bars.
+    """
+
+    epochs: int = 3
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    batch_size: int = 16
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    warmup_ratio: float = 0.1
+    schedule: str = "linear"
+    warmup_epochs: int = 0
+    eval_every: int = 0
+    seed: int = 0
+    max_length: int = 256
+    gradient_checkpointing: bool = False
+    group_by_length: bool = False
+    cache_prefix: bool = True
+    progress: bool = True
+
+    def __post_init__(self):
+        positive = {
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "grad_accum": self.grad_accum,
+            "max_length": self.max_length,
+        }
+        for name, value in positive.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.lr, (int, float)) or not self.lr > 0:
+            raise ValueError(f"lr must be a positive number (e.g. 2e-3), got {self.lr!r}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if not 0 <= self.warmup_epochs < self.epochs:
+            raise ValueError(
+                f"warmup_epochs ({self.warmup_epochs}) must be >= 0 and below epochs "
+                f"({self.epochs}) so that the personal stage runs"
+            )
+        if self.eval_every < 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
+            raise ValueError("eval_every, weight_decay and max_grad_norm must be >= 0")
+
+
+class _Run:
+    """Datasets, prefix cache and index lookups shared by the training and evaluation passes."""
+
+    def __init__(
+        self,
+        model,
+        train_data,
+        val_data,
+        max_length: int,
+        cache: PrefixCache | None,
+        progress: bool = True,
+    ):
+        encoder = PairTokenizer(model.tokenizer, max_length)
+        self.train = PairDataset(train_data, model.users, encoder) if train_data else None
+        self.val = PairDataset(val_data, model.users, encoder) if val_data else None
+        self.cache = cache
+        self.index: dict[int, tuple[list[int], list[int]]] = {}
+        if cache is not None:
+
+            def pad_rows(rows):
+                return encoder.tokenizer.pad(rows, return_tensors="pt")
+
+            for ds in filter(None, (self.train, self.val)):
+                chosen = cache.add(ds.chosen, pad_rows, progress=progress)
+                rejected = cache.add(ds.rejected, pad_rows, progress=progress)
+                self.index[id(ds)] = (chosen, rejected)
+        self.truncated = encoder.truncated
+
+    def rewards(self, model, ds, batch):
+        if self.cache is None:
+            return pair_rewards(model, batch)
+        chosen, rejected = self.index[id(ds)]
+        pos = batch["index"].tolist()
+        return pair_rewards(
+            model, batch, self.cache, [chosen[i] for i in pos] + [rejected[i] for i in pos]
+        )
+
+
+def _order(ds: PairDataset, cfg: TrainConfig, epoch: int) -> list[int]:
+    g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+    if cfg.group_by_length:
+        return list(LengthGroupedSampler(cfg.batch_size, lengths=ds.lengths(), generator=g))
+    return torch.randperm(len(ds), generator=g).tolist()
+
+
+def _broadcast_first_user(model, optimizer) -> None:
+    """End of the shared warm-up: copy row 0 of every user table to all users, fresh Adam."""
+    with torch.no_grad():
+        for table in model.user_parameters():
+            table.copy_(table[0:1].expand_as(table))
+            optimizer.state.pop(table, None)
+
+
+def train(
+    model,
+    train_data: list[Comparison],
+    val_data: list[Comparison] | None = None,
+    config: TrainConfig | None = None,
+    output_dir: str | Path | None = None,
+    resume: bool = False,
+    prefix_cache: PrefixCache | None = None,
+) -> dict:
+    """Train ``model`` in place with the Bradley-Terry loss; returns a summary.
+
+    With ``output_dir`` it writes ``train_log.jsonl``, checkpoints (``checkpoints/last`` every
+    epoch, ``checkpoints/best`` on validation), the final model (the best on validation when
+    there is one) and, with validation data, ``metrics.json``. ``resume`` continues from
+    ``checkpoints/last`` exactly: weights, optimizer, schedule, RNG and data position.
+    ``prefix_cache``: a cache over the same backbone to reuse (see ``sharelora.prefix``); the
+    one used is returned as ``result["prefix_cache"]``.
+    """
+    cfg = config or TrainConfig()
+    unknown = sorted({c.user for c in train_data} - set(model.users))
+    if unknown:
+        raise ValueError(f"training users not in the model: {', '.join(unknown[:5])}")
+    set_seed(cfg.seed)
+    model.max_length = cfg.max_length
+    acc = Accelerator(
+        gradient_accumulation_steps=cfg.grad_accum,
+        mixed_precision="bf16" if torch.cuda.is_available() else "no",
+        dataloader_config=DataLoaderConfiguration(split_batches=True),
+    )
+    out = Path(output_dir) if output_dir else None
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    cache = None
+    if model.adapter_config.top_layers and cfg.cache_prefix:
+        model.to(acc.device)
+        cache = PrefixCache(model, store=prefix_cache)
+    run = _Run(model, train_data, val_data, cfg.max_length, cache, cfg.progress)
+    batches = math.ceil(len(run.train) / cfg.batch_size)
+    total_steps = cfg.epochs * math.ceil(batches / cfg.grad_accum)
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
+    scheduler = build_scheduler(optimizer, total_steps, cfg.warmup_ratio, cfg.schedule)
+    wrapped, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+    progress = {"epoch": 0, "step": 0, "global_step": 0, "best": None, "seconds": 0.0}
+    if resume:
+        last = out / "checkpoints" / "last" if out else None
+        if last is None or not last.exists():
+            raise TrainingError(f"--resume: no checkpoint at {last}; start without --resume")
+        progress = load_checkpoint(last, model, optimizer, scheduler)
+    log = (out / "train_log.jsonl").open("a") if out and acc.is_main_process else None
+    started = time.time() - progress["seconds"]
+
+    def evaluate_val(tag):
+        if run.val is None:
+            return None
+        margins = predict_margins(wrapped, run.val, cfg.batch_size, acc, run.rewards)
+        users = model.users.decode(run.val.user_ids)
+        metrics = summarize(users, margins, model.adapter_config.method, "val", bootstrap=0)
+        if log:
+            log.write(
+                json.dumps(
+                    {
+                        "event": "eval",
+                        "at": tag,
+                        **progress,
+                        "val_macro_accuracy": metrics["macro_accuracy"],
+                        "val_loss": metrics["loss"],
+                    }
+                )
+                + "\n"
+            )
+        return metrics
+
+    def checkpoint(metrics):
+        progress["seconds"] = time.time() - started
+        if out is None or not acc.is_main_process:
+            return
+        if metrics and (progress["best"] is None or metrics["macro_accuracy"] > progress["best"]):
+            progress["best"] = metrics["macro_accuracy"]
+            save_checkpoint(out / "checkpoints" / "best", model, optimizer, scheduler, progress)
+        save_checkpoint(out / "checkpoints" / "last", model, optimizer, scheduler, progress)
+
+    for epoch in range(progress["epoch"], cfg.epochs):
+        if cfg.warmup_epochs and epoch == cfg.warmup_epochs and progress["step"] == 0:
+            _broadcast_first_user(model, optimizer.optimizer)
+        loader = acc.prepare(
+            DataLoader(
+                run.train,
+                batch_size=cfg.batch_size,
+                sampler=_order(run.train, cfg, epoch),
+                collate_fn=run.train.collate,
+            )
+        )
+        skipped = acc.skip_first_batches(loader, progress["step"]) if progress["step"] else loader
+        wrapped.train()
+        bar = tqdm(
+            skipped,
+            total=len(loader),
+            initial=progress["step"],
+            leave=False,
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            disable=not cfg.progress or not acc.is_local_main_process,
+        )
+        for batch in bar:
+            if epoch < cfg.warmup_epochs:
+                batch["user_ids"] = torch.zeros_like(batch["user_ids"])
+            with acc.accumulate(wrapped):
+                losses = bt_loss(run.rewards(wrapped, run.train, batch))
+                loss = losses.mean()
+                if not torch.isfinite(loss):
+                    raise TrainingError(
+                        f"loss is {loss.item()} at epoch {epoch + 1} step {progress['step'] + 1}; "
+                        "lower --lr; the last good checkpoint is in checkpoints/last"
+                    )
+                acc.backward(loss)
+                if acc.sync_gradients and cfg.max_grad_norm:
+                    acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            progress["step"] += 1
+            progress["global_step"] += int(acc.sync_gradients)
+            acc_batch = (losses.detach() < math.log(2)).float().mean().item()
+            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc_batch:.2f}")
+            if log:
+                log.write(
+                    json.dumps(
+                        {
+                            "event": "step",
+                            "epoch": epoch,
+                            **{k: progress[k] for k in ("step", "global_step")},
+                            "loss": loss.item(),
+                            "accuracy": acc_batch,
+                            "lr": scheduler.get_last_lr()[0],
+                        }
+                    )
+                    + "\n"
+                )
+            if (
+                cfg.eval_every
+                and acc.sync_gradients
+                and progress["global_step"] % cfg.eval_every == 0
+            ):
+                checkpoint(evaluate_val(f"step {progress['global_step']}"))
+                wrapped.train()
+        progress["epoch"], progress["step"] = epoch + 1, 0
+        checkpoint(None if cfg.eval_every else evaluate_val(f"epoch {epoch + 1}"))
+    if log:
+        log.close()
+    return _finish(model, run, cfg, out, acc, progress, evaluate_val)
+
+
+def _finish(model, run, cfg, out, acc, progress, evaluate_val) -> dict:
+    best = out / "checkpoints" / "best" / "model" / "adapters.safetensors" if out else None
+    if best is not None and best.exists():
+        model.load_trainable(best)
+    metrics = evaluate_val("final")
+    summary = {
+        "config": asdict(cfg),
+        "train_pairs": len(run.train),
+        "val_pairs": len(run.val) if run.val else 0,
+        "truncated_texts": run.truncated,
+        "steps": progress["global_step"],
+        "seconds": round(progress["seconds"], 1),
+        "best_val_macro_accuracy": progress["best"],
+        "parameters": model.parameter_report(),
+    }
+    if out and acc.is_main_process:
+        model.save_pretrained(out, training=summary)
+        if metrics:
+            (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    acc.wait_for_everyone()
+    return {"summary": summary, "val_metrics": metrics, "prefix_cache": run.cache}
