@@ -98,3 +98,43 @@ def randomize(model, seed: int = 0, scale: float = 0.3) -> None:
         for p in model.parameters():
             if p.requires_grad:
                 p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
+
+
+@pytest.fixture(scope="session")
+def tiny_text_backbone(tmp_path_factory):
+    """A tiny random BERT with the real MiniLM tokenizer: text in, fast on CPU."""
+    from transformers import AutoTokenizer
+
+    from sharelora.backbone import resolve_backbone
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_backbone("minilm"))
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        num_labels=1,
+    )
+    d = tmp_path_factory.mktemp("tiny-text")
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return str(d)
+
+
+def opposite_tastes(n_per_user: int = 40, seed: int = 0):
+    """Learnable data: 'sunny' prefers replies with 'yes', 'rainy' replies with 'no'."""
+    import random
+
+    from sharelora.data import Comparison
+
+    rng = random.Random(seed)
+    words = ["apple", "river", "stone", "cloud", "lamp", "train", "book", "tree"]
+    rows = []
+    for i in range(n_per_user):
+        for user, good, bad in (("sunny", "yes", "no"), ("rainy", "no", "yes")):
+            a, b = rng.sample(words, 2)
+            rows.append(Comparison(f"question {i}?", f"{good} {a} {b}", f"{bad} {b} {a}", user))
+    return rows

@@ -34,11 +34,15 @@ def resolve_backbone(name: str) -> str:
 def _quiet_transformers():
     # The load report always lists the fresh head as "MISSING"; we expect that and train it.
     previous = transformers.logging.get_verbosity()
+    bars = transformers.logging.is_progress_bar_enabled()
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     try:
         yield
     finally:
         transformers.logging.set_verbosity(previous)
+        if bars:
+            transformers.logging.enable_progress_bar()
 
 
 def load_backbone(

@@ -75,7 +75,13 @@ def predict_margins(
     processes when ``accelerator`` is given)."""
     from torch.utils.data import DataLoader
 
-    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=ds.collate)
+    loader = DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=False,
+        collate_fn=ds.collate,
+        generator=torch.Generator().manual_seed(0),
+    )  # leaves the global RNG alone
     if accelerator is not None:
         loader = accelerator.prepare(loader)
     device = next(model.parameters()).device

@@ -136,6 +136,12 @@ def _order(ds: PairDataset, cfg: TrainConfig, epoch: int) -> list[int]:
     return torch.randperm(len(ds), generator=g).tolist()
 
 
+def _loader_generator() -> torch.Generator:
+    # A DataLoader seeds its iterator from the global RNG unless given its own generator; that
+    # draw would shift the dropout stream after a resume. Our order is already fixed.
+    return torch.Generator().manual_seed(0)
+
+
 def _broadcast_first_user(model, optimizer) -> None:
     """End of the shared warm-up: copy row 0 of every user table to all users, fresh Adam."""
     with torch.no_grad():
@@ -157,7 +163,7 @@ def train(
 
     With ``output_dir`` it writes ``train_log.jsonl``, checkpoints (``checkpoints/last`` every
     epoch, ``checkpoints/best`` on validation), the final model (the best on validation when
-    there is one) and, with validation data, ``metrics.json``. ``resume`` continues from
+    there is one) and, with validation data, ``val_metrics.json``. ``resume`` continues from
     ``checkpoints/last`` exactly: weights, optimizer, schedule, RNG and data position.
     ``prefix_cache``: a cache over the same backbone to reuse (see ``sharelora.prefix``); the
     one used is returned as ``result["prefix_cache"]``.
@@ -174,6 +180,8 @@ def train(
         dataloader_config=DataLoaderConfiguration(split_batches=True),
     )
     out = Path(output_dir) if output_dir else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     cache = None
@@ -234,6 +242,7 @@ def train(
                 batch_size=cfg.batch_size,
                 sampler=_order(run.train, cfg, epoch),
                 collate_fn=run.train.collate,
+                generator=_loader_generator(),
             )
         )
         skipped = acc.skip_first_batches(loader, progress["step"]) if progress["step"] else loader
@@ -290,9 +299,10 @@ def train(
                 wrapped.train()
         progress["epoch"], progress["step"] = epoch + 1, 0
         checkpoint(None if cfg.eval_every else evaluate_val(f"epoch {epoch + 1}"))
+    result = _finish(model, run, cfg, out, acc, progress, evaluate_val)
     if log:
         log.close()
-    return _finish(model, run, cfg, out, acc, progress, evaluate_val)
+    return result
 
 
 def _finish(model, run, cfg, out, acc, progress, evaluate_val) -> dict:
@@ -313,6 +323,6 @@ def _finish(model, run, cfg, out, acc, progress, evaluate_val) -> dict:
     if out and acc.is_main_process:
         model.save_pretrained(out, training=summary)
         if metrics:
-            (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+            (out / "val_metrics.json").write_text(json.dumps(metrics, indent=1))
     acc.wait_for_everyone()
     return {"summary": summary, "val_metrics": metrics, "prefix_cache": run.cache}

@@ -30,6 +30,13 @@ def normalize_user(name: object) -> str:
     return text
 
 
+class UnknownUserError(KeyError):
+    """A user name the model does not know."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "unknown user"
+
+
 class UserVocab:
     """An ordered, append-only map from user names to ids ``0..N-1``.
 
@@ -80,7 +87,9 @@ class UserVocab:
         key = normalize_user(name)
         if key not in self._ids:
             shown = ", ".join(self._names[:10]) + (" ..." if len(self) > 10 else "")
-            raise KeyError(f"unknown user {key!r}; this model knows {len(self)} users: {shown}")
+            raise UnknownUserError(
+                f"unknown user {key!r}; this model knows {len(self)} users: {shown}"
+            )
         return self._ids[key]
 
     def encode(self, names: Iterable[object]) -> torch.Tensor:

@@ -1,0 +1,250 @@
+"""The ``sharelora`` command (design §5). User errors exit 2 with one line, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from .adapters import METHODS, AdapterConfig
+from .backbone import DEFAULT_BACKBONE
+from .train import TrainConfig
+
+# Embedded demo defaults: MiniLM with adapters in its top block, so that the frozen blocks
+# below are cached once per text and the whole comparison fits a laptop CPU (see README).
+DEMO = {
+    "methods": "shared,independent,sharelora",
+    "top_layers": 1,
+    "epochs": 3,
+    "lr": 2e-3,
+    "max_length": 128,
+    "val": 0.1,
+    "test": 0.25,
+}
+DEMO_QUICK = {"top_users": 5, "max_per_user": 25}
+
+
+class UsageError(ValueError):
+    """A bad flag or config file."""
+
+
+def _add_data(p: argparse.ArgumentParser, data_required: bool = True) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument(
+        "--data",
+        required=data_required,
+        help="a .jsonl/.jsonl.gz/.csv/.parquet file, hf:NAME[:CONFIG] or builtin:demo",
+    )
+    g.add_argument("--hf-split", default="train", help="split of an hf: dataset")
+    for col in ("prompt", "chosen", "rejected", "user"):
+        g.add_argument(f"--{col}-col", default=col, help=f"column holding the {col}")
+    g.add_argument(
+        "--group-col",
+        default=None,
+        help="keeps all judgements of one item (e.g. pair_id) in one split",
+    )
+    g.add_argument("--on-bad-rows", choices=("error", "skip"), default="error")
+
+
+def _add_split(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("split (per user, seeded)")
+    g.add_argument("--val", type=float, default=0.1, help="validation fraction per user")
+    g.add_argument("--test", type=float, default=0.2, help="test fraction per user")
+    g.add_argument("--top-users", type=int, help="keep the K users with the most data")
+    g.add_argument("--min-per-user", type=int, default=1, help="drop users with fewer rows")
+    g.add_argument("--max-per-user", type=int, help="cap each user's training comparisons")
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--backbone", default=DEFAULT_BACKBONE, help="hub id or local directory")
+    g.add_argument("--revision", help="hub revision of the backbone")
+    g.add_argument("--trust-remote-code", action="store_true")
+    g.add_argument("--method", choices=list(METHODS), default="sharelora")
+    g.add_argument("--rank", type=int, default=8)
+    g.add_argument("--alpha", type=float, default=16.0)
+    g.add_argument("--dropout", type=float, default=0.0)
+    g.add_argument("--targets", help="module-name suffixes, e.g. query,value (default: per arch)")
+    g.add_argument("--top-layers", type=int, help="adapt only the top k blocks (cached below)")
+    g.add_argument("--user-init", choices=("same", "independent"), default="same")
+
+
+def _add_train(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training")
+    defaults = TrainConfig()
+    for name, type_ in (
+        ("epochs", int),
+        ("lr", float),
+        ("batch_size", int),
+        ("grad_accum", int),
+        ("max_grad_norm", float),
+        ("weight_decay", float),
+        ("warmup_ratio", float),
+        ("warmup_epochs", int),
+        ("eval_every", int),
+        ("seed", int),
+        ("max_length", int),
+    ):
+        g.add_argument("--" + name.replace("_", "-"), type=type_, default=getattr(defaults, name))
+    g.add_argument("--schedule", choices=("linear", "cosine", "constant"), default="linear")
+    g.add_argument("--gradient-checkpointing", action="store_true")
+    g.add_argument("--group-by-length", action="store_true")
+    g.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sharelora", description=__doc__)
+    parser.add_argument("--config", help="YAML or TOML file holding any flags (flags win)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="compare shared, independent and sharelora on builtin data")
+    p.add_argument("--quick", action="store_true", help="a smaller run (under a minute on CPU)")
+    p.add_argument("--output", default="sharelora-demo")
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("train", help="train one personalized reward model")
+    _add_data(p), _add_split(p), _add_model(p), _add_train(p)
+    p.add_argument("--output", required=True)
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoints/last")
+
+    p = sub.add_parser("compare", help="train several methods on one split; report and plot")
+    _add_data(p), _add_split(p), _add_model(p), _add_train(p)
+    p.add_argument("--methods", default="shared,independent,sharelora")
+    p.add_argument("--output", required=True)
+
+    p = sub.add_parser("eval", help="per-user accuracy of a trained model on data")
+    _add_data(p)
+    p.add_argument("--model", required=True)
+    p.add_argument("--output", help="write metrics.json here")
+    p.add_argument("--batch-size", type=int, default=32)
+
+    p = sub.add_parser("score", help="add a reward to each row of a JSONL file")
+    p.add_argument("--model", required=True)
+    p.add_argument("--input", required=True, help="JSONL rows with prompt?, response, user")
+    p.add_argument("--output", required=True)
+    p.add_argument("--response-col", default="response")
+    p.add_argument("--prompt-col", default="prompt")
+    p.add_argument("--user-col", default="user")
+    p.add_argument("--batch-size", type=int, default=32)
+
+    p = sub.add_parser("export", help="write one user's reward model (merged or PEFT)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--user", help="the user (any name for method shared)")
+    p.add_argument("--format", choices=("merged", "peft"), default="merged")
+    p.add_argument("--output", required=True)
+
+    p = sub.add_parser("prepare", help="build a dataset file from a public source")
+    p.add_argument("name", choices=("tldr", "helpsteer2"))
+    p.add_argument("--output", required=True)
+    p.add_argument("--source", help="hub id or local copy (default: the public dataset)")
+    p.add_argument("--top-k", type=int, default=5, help="tldr: workers kept")
+    p.add_argument("--ties", choices=("drop", "random"), default="drop", help="helpsteer2")
+    p.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _load_config(path: str) -> dict:
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"config {path}: file not found")
+    text = file.read_text()
+    try:
+        if file.suffix == ".toml":
+            try:
+                import tomllib
+            except ImportError:  # Python 3.10
+                import tomli as tomllib
+            data = tomllib.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+    except Exception as err:  # parser errors differ by format; all mean a malformed file
+        raise UsageError(f"config {path}: cannot parse ({str(err).splitlines()[0]})") from err
+    if not isinstance(data, dict):
+        raise UsageError(f"config {path}: expected a mapping of flag names to values")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Flags, with ``--config`` values as defaults: a flag on the command line wins."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.config:
+        config = _load_config(args.config)
+        sub = parser._subparsers._group_actions[0].choices[args.command]
+        known = {a.dest for a in sub._actions}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise UsageError(
+                f"config {args.config}: unknown option(s) for '{args.command}': "
+                f"{', '.join(unknown)}"
+            )
+        sub.set_defaults(**config)
+        args = parser.parse_args(argv)
+    return args
+
+
+def _configs(args) -> tuple[AdapterConfig, TrainConfig]:
+    adapter = AdapterConfig(
+        method=args.method,
+        rank=args.rank,
+        alpha=args.alpha,
+        dropout=args.dropout,
+        targets=args.targets,
+        user_init=args.user_init,
+        top_layers=args.top_layers,
+    )
+    names = {f.name for f in fields(TrainConfig)}
+    train_cfg = TrainConfig(
+        **{k: v for k, v in vars(args).items() if k in names}, progress=not args.no_progress
+    )
+    return adapter, train_cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .commands import run
+
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = parse_args(argv)
+        return run(args) or 0
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    except KeyboardInterrupt:
+        print("sharelora: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, KeyError, OSError, RuntimeError) as err:
+        if not _is_user_error(err):
+            raise
+        print(f"sharelora: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+
+
+def _is_user_error(err: BaseException) -> bool:
+    from .backbone import BackboneError
+    from .data import DataError
+    from .model import ModelFormatError
+    from .train import TrainingError
+    from .users import UnknownUserError
+
+    user = (
+        UsageError,
+        DataError,
+        ModelFormatError,
+        BackboneError,
+        TrainingError,
+        FileNotFoundError,
+        PermissionError,
+        IsADirectoryError,
+        UnknownUserError,
+        json.JSONDecodeError,
+    )
+    # ValueErrors raised by config validation (AdapterConfig, TrainConfig, SplitConfig) too.
+    return isinstance(err, user) or type(err) is ValueError
+
+
+if __name__ == "__main__":
+    sys.exit(main())

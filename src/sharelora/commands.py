@@ -1,0 +1,214 @@
+"""What each ``sharelora`` subcommand does, given parsed arguments."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from .cli import DEMO, DEMO_QUICK, UsageError, _configs
+
+
+def _log(*parts) -> None:
+    print(*parts, file=sys.stderr, flush=True)
+
+
+def _read(args, source: str | None = None):
+    from .data import Columns, read_preferences
+
+    columns = Columns(
+        args.prompt_col,
+        args.chosen_col,
+        args.rejected_col,
+        args.user_col,
+        getattr(args, "group_col", None),
+    )
+    data, report = read_preferences(source or args.data, columns, args.on_bad_rows, args.hf_split)
+    _log(report.summary())
+    return data
+
+
+def _split(args, data):
+    from .data import SplitConfig, split_per_user
+
+    cfg = SplitConfig(
+        val=args.val,
+        test=args.test,
+        seed=args.seed,
+        top_users=args.top_users,
+        min_per_user=args.min_per_user,
+        max_per_user=args.max_per_user,
+    )
+    splits = split_per_user(data, cfg)
+    _log(
+        f"split: {len(splits.users)} users; train {len(splits.train)}, val {len(splits.val)}, "
+        f"test {len(splits.test)} comparisons"
+    )
+    return splits
+
+
+def cmd_train(args) -> None:
+    from .evaluate import evaluate
+    from .model import PersonalizedRewardModel
+    from .train import train
+
+    adapter, cfg = _configs(args)
+    splits = _split(args, _read(args))
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    splits.write_manifest(out / "split.json")
+    model = PersonalizedRewardModel.from_backbone(
+        args.backbone,
+        splits.users,
+        adapter,
+        revision=args.revision,
+        trust_remote_code=args.trust_remote_code,
+        max_length=cfg.max_length,
+    )
+    _log(f"parameters: {json.dumps(model.parameter_report())}")
+    result = train(model, splits.train, splits.val, cfg, out, resume=args.resume)
+    if splits.test:
+        metrics = evaluate(model, splits.test, seed=cfg.seed, prefix_cache=result["prefix_cache"])
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        _print_metrics(metrics)
+    _log(f"model written to {out}")
+
+
+def _print_metrics(metrics: dict) -> None:
+    from .report import accuracy_table
+
+    print(accuracy_table({metrics["method"]: metrics}))
+    ci = metrics.get("macro_accuracy_ci95")
+    if ci:
+        print(
+            f"macro accuracy {metrics['macro_accuracy']:.3f} "
+            f"(95% bootstrap interval over users {ci[0]:.3f}–{ci[1]:.3f})"
+        )
+
+
+def cmd_eval(args) -> None:
+    from .evaluate import evaluate
+    from .model import PersonalizedRewardModel
+
+    model = PersonalizedRewardModel.from_pretrained(args.model)
+    metrics = evaluate(model, _read(args), args.batch_size, split="eval")
+    _print_metrics(metrics)
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(metrics, indent=1))
+
+
+def cmd_score(args) -> None:
+    from .model import PersonalizedRewardModel
+    from .score import score_texts
+
+    rows = []
+    with open(args.input, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UsageError(
+                    f"{args.input}: line {number}: malformed JSON ({err.msg})"
+                ) from None
+            if not isinstance(row, dict):
+                raise UsageError(f"{args.input}: line {number}: not a JSON object")
+            for col in (args.response_col, args.user_col):
+                if not isinstance(row.get(col), (str, int)) or row.get(col) in ("", None):
+                    raise UsageError(
+                        f"{args.input}: line {number} column {col!r}: missing or not text"
+                    )
+            if not isinstance(row.get(args.prompt_col, ""), str):
+                raise UsageError(
+                    f"{args.input}: line {number} column {args.prompt_col!r}: not text"
+                )
+            rows.append(row)
+    model = PersonalizedRewardModel.from_pretrained(args.model) if rows else None
+    rewards = (
+        score_texts(
+            model,
+            [r.get(args.prompt_col, "") for r in rows],
+            [r[args.response_col] for r in rows],
+            [r[args.user_col] for r in rows],
+            args.batch_size,
+        )
+        if rows
+        else []
+    )
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.output, "w", encoding="utf-8") as f:
+        for row, reward in zip(rows, rewards, strict=True):
+            f.write(json.dumps({**row, "reward": reward}, ensure_ascii=False) + "\n")
+    _log(f"scored {len(rows)} rows -> {args.output}")
+
+
+def cmd_export(args) -> None:
+    from .model import PersonalizedRewardModel
+
+    model = PersonalizedRewardModel.from_pretrained(args.model)
+    model.export_user(args.user, args.output, format=args.format)
+    _log(f"exported {args.format} model for user {args.user} -> {args.output}")
+
+
+def cmd_compare(args) -> None:
+    from .adapters import METHODS
+    from .compare import compare
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        raise UsageError(
+            f"--methods: unknown {', '.join(bad) or '(none)'}; choose from {', '.join(METHODS)}"
+        )
+    adapter, cfg = _configs(args)
+    splits = _split(args, _read(args))
+    results = compare(splits, methods, adapter, cfg, args.backbone, args.output, log=_log)
+    print((Path(args.output) / "report.md").read_text())
+    return results
+
+
+def cmd_demo(args) -> None:
+    from .cli import parse_args
+
+    settings = {**DEMO, **(DEMO_QUICK if args.quick else {})}
+    argv = ["compare", "--data", "builtin:demo", "--output", args.output]
+    for key, value in settings.items():
+        argv += ["--" + key.replace("_", "-"), str(value)]
+    if args.no_progress:
+        argv.append("--no-progress")
+    started = time.time()
+    cmd_compare(parse_args(argv))
+    _log(
+        f"demo finished in {time.time() - started:.0f}s; report: {args.output}/report.md, "
+        f"plot: {args.output}/accuracy.png"
+    )
+
+
+def cmd_prepare(args) -> None:
+    from .data.builders import build_helpsteer2, build_tldr
+
+    kw = {"source": args.source} if args.source else {}
+    if args.name == "tldr":
+        info = build_tldr(args.output, top_k=args.top_k, seed=args.seed, **kw)
+    else:
+        info = build_helpsteer2(args.output, ties=args.ties, seed=args.seed, **kw)
+    _log(json.dumps(info))
+
+
+COMMANDS = {
+    "train": cmd_train,
+    "eval": cmd_eval,
+    "score": cmd_score,
+    "export": cmd_export,
+    "compare": cmd_compare,
+    "demo": cmd_demo,
+    "prepare": cmd_prepare,
+}
+
+
+def run(args) -> int:
+    COMMANDS[args.command](args)
+    return 0

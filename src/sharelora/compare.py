@@ -1,0 +1,82 @@
+"""Train several methods on the same data and split; report them side by side."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from .adapters import AdapterConfig
+from .data import Splits
+from .evaluate import evaluate
+from .model import PersonalizedRewardModel
+from .report import accuracy_table, plot_accuracy
+from .train import TrainConfig, train
+
+
+def compare(
+    splits: Splits,
+    methods: list[str],
+    adapter: AdapterConfig,
+    config: TrainConfig,
+    backbone: str,
+    output_dir: str | Path,
+    log=print,
+) -> dict[str, dict]:
+    """For each method: train on ``splits.train`` (validation: ``splits.val``), evaluate on
+    ``splits.test``; writes ``METHOD/`` (model + ``metrics.json``), ``report.md``,
+    ``accuracy.png``, ``split.json`` and ``summary.json`` under ``output_dir``.
+
+    Every method starts from the same seed; with ``adapter.top_layers`` they share one cache of
+    the frozen blocks.
+    """
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    splits.write_manifest(out / "split.json")
+    test = splits.test or splits.val
+    if not test:
+        raise ValueError("nothing to evaluate on: the split has no test or validation rows")
+    results, timings, cache = {}, {}, None
+    for method in methods:
+        started = time.time()
+        torch.manual_seed(config.seed)
+        model = PersonalizedRewardModel.from_backbone(
+            backbone, splits.users, replace(adapter, method=method), max_length=config.max_length
+        )
+        run = train(model, splits.train, splits.val, config, out / method, prefix_cache=cache)
+        cache = run["prefix_cache"]
+        metrics = evaluate(
+            model,
+            test,
+            split="test" if splits.test else "val",
+            seed=config.seed,
+            prefix_cache=cache,
+        )
+        (out / method / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        results[method] = metrics
+        timings[method] = round(time.time() - started, 1)
+        log(
+            f"{method}: macro accuracy {metrics['macro_accuracy']:.3f} "
+            f"(micro {metrics['micro_accuracy']:.3f}) in {timings[method]:.0f}s"
+        )
+    table = accuracy_table(results)
+    (out / "report.md").write_text(
+        f"# Per-user test accuracy\n\n{table}\n\nA tie counts as half right. Training pairs: "
+        f"{len(splits.train)}; test pairs: {len(test)}; users: {len(splits.users)}.\n"
+    )
+    plot_accuracy(results, out / "accuracy.png", title="per-user test accuracy")
+    (out / "summary.json").write_text(
+        json.dumps(
+            {
+                "methods": methods,
+                "seconds": timings,
+                "macro_accuracy": {m: r["macro_accuracy"] for m, r in results.items()},
+                "micro_accuracy": {m: r["micro_accuracy"] for m, r in results.items()},
+            },
+            indent=1,
+        )
+    )
+    return results

@@ -1,0 +1,279 @@
+"""The command line: files written, formats, exit codes and one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import opposite_tastes
+
+from sharelora.cli import main
+from sharelora.trl import reward_function
+
+
+def _write_data(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    rows = [
+        {"prompt": c.prompt, "chosen": c.chosen, "rejected": c.rejected, "user": c.user}
+        for c in opposite_tastes(20)
+    ]
+    return _write_data(tmp_path_factory.mktemp("data") / "prefs.jsonl", rows)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_text_backbone, data_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "model"
+    code = main(
+        [
+            "train",
+            "--data",
+            data_file,
+            "--backbone",
+            tiny_text_backbone,
+            "--output",
+            str(out),
+            "--epochs",
+            "2",
+            "--rank",
+            "2",
+            "--max-length",
+            "32",
+            "--no-progress",
+            "--lr",
+            "1e-2",
+        ]
+    )
+    assert code == 0
+    return out
+
+
+def test_train_writes_the_contract(trained):
+    for name in (
+        "sharelora.json",
+        "users.json",
+        "adapters.safetensors",
+        "metrics.json",
+        "val_metrics.json",
+        "train_log.jsonl",
+        "split.json",
+        "tokenizer.json",
+    ):
+        assert (trained / name).exists(), name
+    config = json.loads((trained / "sharelora.json").read_text())
+    assert config["adapter"]["method"] == "sharelora" and config["num_users"] == 2
+    assert config["training"]["steps"] > 0
+    metrics = json.loads((trained / "metrics.json").read_text())
+    assert metrics["split"] == "test" and metrics["method"] == "sharelora"
+    assert set(metrics["users"]) == {"sunny", "rainy"}
+    assert set(metrics["users"]["sunny"]) == {"accuracy", "loss", "n"}
+    assert 0 <= metrics["macro_accuracy"] <= 1 and 0 <= metrics["micro_accuracy"] <= 1
+    assert (trained / "checkpoints" / "last" / "trainer_state.json").exists()
+    log = [json.loads(line) for line in (trained / "train_log.jsonl").read_text().splitlines()]
+    assert {"loss", "accuracy", "lr"} <= set(log[0])
+
+
+def test_eval_prints_table_and_writes_metrics(trained, data_file, tmp_path, capsys):
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(trained),
+                "--data",
+                data_file,
+                "--output",
+                str(tmp_path / "m.json"),
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "| user | n | sharelora |" in out and "95% bootstrap interval" in out
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["n"] == 40 and len(metrics["macro_accuracy_ci95"]) == 2
+
+
+def test_score_keeps_order_and_fields(trained, tmp_path):
+    rows = [
+        {"prompt": "q?", "response": "yes apple", "user": "sunny", "id": 7, "meta": [1]},
+        {"response": "no apple", "user": "rainy", "id": 3},
+        {"prompt": "q?", "response": "yes apple", "user": "rainy", "id": 5},
+    ]
+    _write_data(tmp_path / "in.jsonl", rows)
+    assert (
+        main(
+            [
+                "score",
+                "--model",
+                str(trained),
+                "--input",
+                str(tmp_path / "in.jsonl"),
+                "--output",
+                str(tmp_path / "out.jsonl"),
+            ]
+        )
+        == 0
+    )
+    out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [{k: v for k, v in r.items() if k != "reward"} for r in out] == rows
+    assert all(isinstance(r["reward"], float) for r in out)
+    assert out[0]["reward"] != out[2]["reward"]  # same text, different users
+    f = reward_function(str(trained))
+    assert f(prompts=["q?"], completions=["yes apple"], user=["sunny"], id=[7]) == pytest.approx(
+        [out[0]["reward"]], abs=1e-5
+    )
+
+
+def test_score_empty_input_and_unknown_user(trained, tmp_path, capsys):
+    (tmp_path / "empty.jsonl").write_text("")
+    assert (
+        main(
+            [
+                "score",
+                "--model",
+                str(trained),
+                "--input",
+                str(tmp_path / "empty.jsonl"),
+                "--output",
+                str(tmp_path / "o.jsonl"),
+            ]
+        )
+        == 0
+    )
+    assert (tmp_path / "o.jsonl").read_text() == ""
+    capsys.readouterr()
+    _write_data(tmp_path / "u.jsonl", [{"response": "x", "user": "zed"}])
+    assert (
+        main(
+            [
+                "score",
+                "--model",
+                str(trained),
+                "--input",
+                str(tmp_path / "u.jsonl"),
+                "--output",
+                str(tmp_path / "o.jsonl"),
+            ]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "unknown user 'zed'" in err and "Traceback" not in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "fmt,marker", [("merged", "model.safetensors"), ("peft", "adapter_model.safetensors")]
+)
+def test_export(trained, tmp_path, fmt, marker):
+    assert (
+        main(
+            [
+                "export",
+                "--model",
+                str(trained),
+                "--user",
+                "sunny",
+                "--format",
+                fmt,
+                "--output",
+                str(tmp_path / fmt),
+            ]
+        )
+        == 0
+    )
+    assert (tmp_path / fmt / marker).exists()
+
+
+def test_compare_report_plot_and_metrics(tiny_text_backbone, data_file, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert (
+        main(
+            [
+                "compare",
+                "--data",
+                data_file,
+                "--backbone",
+                tiny_text_backbone,
+                "--methods",
+                "shared,sharelora",
+                "--output",
+                str(out),
+                "--epochs",
+                "1",
+                "--rank",
+                "2",
+                "--max-length",
+                "32",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    report = (out / "report.md").read_text()
+    assert "| user | n | shared | sharelora |" in report and "**macro**" in report
+    assert "**" in report.split("**macro**")[1]  # the best value is bold
+    assert (out / "accuracy.png").stat().st_size > 1000
+    for method in ("shared", "sharelora"):
+        assert json.loads((out / method / "metrics.json").read_text())["method"] == method
+    assert "| user | n | shared | sharelora |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["train", "--data", "missing.jsonl", "--output", "x"], "missing.jsonl: file not found"),
+        (
+            ["eval", "--model", "nowhere", "--data", "builtin:demo"],
+            "sharelora.json: file not found",
+        ),
+        (
+            ["compare", "--data", "builtin:demo", "--methods", "lora", "--output", "x"],
+            "--methods: unknown lora",
+        ),
+        (
+            ["train", "--data", "builtin:demo", "--output", "x", "--rank", "0"],
+            "rank must be a positive integer",
+        ),
+    ],
+)
+def test_user_errors_exit_2_with_one_line(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.startswith("sharelora: error:") and err.count("\n") == 1
+
+
+def test_bad_rows_name_file_line_and_column(tmp_path, capsys):
+    bad = _write_data(tmp_path / "bad.jsonl", [{"chosen": "a", "rejected": "a", "user": "u"}])
+    assert main(["train", "--data", bad, "--output", str(tmp_path / "o")]) == 2
+    assert "bad.jsonl: 1 bad row(s): line 1 column 'chosen'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "suffix,text",
+    [
+        (".yaml", "epochs: 7\nrank: 3\nmethod: diag\n"),
+        (".toml", 'epochs = 7\nrank = 3\nmethod = "diag"\n'),
+    ],
+)
+def test_config_file_and_flags_win(tmp_path, suffix, text):
+    from sharelora.cli import parse_args
+
+    cfg = tmp_path / f"c{suffix}"
+    cfg.write_text(text)
+    args = parse_args(
+        ["--config", str(cfg), "train", "--data", "d.jsonl", "--output", "o", "--rank", "5"]
+    )
+    assert (args.epochs, args.rank, args.method) == (7, 5, "diag")
+
+
+def test_config_unknown_key(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("epoch: 7\n")
+    assert main(["--config", str(cfg), "train", "--data", "d", "--output", "o"]) == 2
+    assert "unknown option(s) for 'train': epoch" in capsys.readouterr().err

@@ -1,0 +1,60 @@
+"""The frozen-prefix cache gives the same rewards and gradients as the full forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_batch
+
+from sharelora import AdapterConfig, PersonalizedRewardModel
+from sharelora.prefix import PrefixCache
+
+
+def _pad(rows):
+    length = max(len(r["input_ids"]) for r in rows)
+    ids = torch.zeros(len(rows), length, dtype=torch.long)
+    mask = torch.zeros(len(rows), length, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r["input_ids"])] = torch.tensor(r["input_ids"])
+        mask[i, : len(r["input_ids"])] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama", "gpt2", "gptj"])
+def test_cached_prefix_equals_full_forward(tiny_dirs, arch):
+    torch.manual_seed(0)
+    model = PersonalizedRewardModel.from_backbone(
+        tiny_dirs[arch], ["a", "b"], AdapterConfig(rank=2, top_layers=1)
+    ).eval()
+    assert all(".1." in name for name in model.adapter_layers)  # only the top block
+    for p in model.user_parameters():
+        torch.nn.init.normal_(p)
+    for p in model.shared_parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    ids, mask = tiny_batch(batch=4)
+    rows = [{"input_ids": ids[i][mask[i].bool()].tolist()} for i in range(4)]
+    cache = PrefixCache(model)
+    index = cache.add({"input_ids": [r["input_ids"] for r in rows]}, _pad, progress=False)
+    assert cache.add({"input_ids": [rows[0]["input_ids"]]}, _pad, progress=False) == [index[0]]
+    users = torch.tensor([0, 1, 1, 0])
+    full = model(input_ids=ids, attention_mask=mask, user_ids=users)
+    with cache.use(cache.batch(index, mask)):
+        cached = model(input_ids=ids, attention_mask=mask, user_ids=users)
+    torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
+    grads = []
+    for out in (full, cached):
+        model.zero_grad()
+        out.square().sum().backward(retain_graph=True)
+        grads.append([p.grad.clone() for p in model.user_parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    # The blocks are restored after use.
+    assert not any(type(b).__name__ == "_PassThrough" for b in cache.blocks)
+
+
+def test_prefix_cache_needs_a_frozen_prefix(tiny_dirs):
+    model = PersonalizedRewardModel.from_backbone(tiny_dirs["bert"], ["a"], AdapterConfig())
+    with pytest.raises(ValueError, match="no frozen prefix"):
+        PrefixCache(model)
+    with pytest.raises(ValueError, match="top_layers=5 but the model has 2 blocks"):
+        PersonalizedRewardModel.from_backbone(tiny_dirs["bert"], ["a"], AdapterConfig(top_layers=5))
