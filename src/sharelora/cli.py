@@ -55,6 +55,12 @@ def _add_split(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-users", type=int, help="keep the K users with the most data")
     g.add_argument("--min-per-user", type=int, default=1, help="drop users with fewer rows")
     g.add_argument("--max-per-user", type=int, help="cap each user's training comparisons")
+    g.add_argument(
+        "--holdout-users",
+        type=int,
+        default=0,
+        help="keep K whole users (seeded draw) out of training and test",
+    )
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:

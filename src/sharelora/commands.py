@@ -39,6 +39,7 @@ def _split(args, data):
         top_users=args.top_users,
         min_per_user=args.min_per_user,
         max_per_user=args.max_per_user,
+        holdout_users=args.holdout_users,
     )
     splits = split_per_user(data, cfg)
     _log(
