@@ -19,12 +19,15 @@ def _model(path, method="sharelora", **kw):
     )
 
 
-def test_really_learns_opposite_tastes(tiny_text_backbone):
+@pytest.mark.parametrize("sparse_users", ["off", "on"])
+def test_really_learns_opposite_tastes(tiny_text_backbone, sparse_users):
     data = opposite_tastes(40)
     test = opposite_tastes(15, seed=1)
     model = _model(tiny_text_backbone)
     before = evaluate(model, test)["macro_accuracy"]
-    cfg = TrainConfig(epochs=6, lr=1e-2, batch_size=8, progress=False, max_length=32)
+    cfg = TrainConfig(
+        epochs=6, lr=1e-2, batch_size=8, progress=False, max_length=32, sparse_users=sparse_users
+    )
     result = train(model, data, test, cfg)
     after = evaluate(model, test)["macro_accuracy"]
     assert after >= 0.9 > before + 0.2, (before, after)

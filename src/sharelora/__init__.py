@@ -3,6 +3,7 @@
 from .adapters import METHODS, AdapterConfig, PersonalLoRALayer, UserRouter
 from .backbone import DEFAULT_BACKBONE
 from .model import ModelFormatError, PersonalizedRewardModel
+from .optim import PersonalAdamW, build_optimizer
 from .users import UserVocab
 
 __version__ = "0.1.0"
@@ -11,8 +12,10 @@ __all__ = [
     "AdapterConfig",
     "DEFAULT_BACKBONE",
     "ModelFormatError",
+    "PersonalAdamW",
     "PersonalLoRALayer",
     "PersonalizedRewardModel",
     "UserRouter",
     "UserVocab",
+    "build_optimizer",
 ]

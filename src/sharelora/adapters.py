@@ -129,6 +129,8 @@ class UserRouter:
 
     def __init__(self, num_users: int):
         self.num_users = num_users
+        # Per-user tables receive row-sparse gradients (see _SparseRows) when set.
+        self.sparse_grads = False
         self._ids: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar(
             "sharelora_user_ids", default=None
         )
@@ -161,7 +163,9 @@ class UserRouter:
 
     def __deepcopy__(self, memo):
         # A ContextVar cannot be copied; a copied model gets its own router (no ids in flight).
-        return UserRouter(self.num_users)
+        router = UserRouter(self.num_users)
+        router.sparse_grads = self.sparse_grads
+        return router
 
     def current(self) -> torch.Tensor | None:
         return self._ids.get()
@@ -170,6 +174,29 @@ class UserRouter:
         """``context_fn`` for non-reentrant ``torch.utils.checkpoint``."""
         ids = self._ids.get()
         return contextlib.nullcontext(), self.route(ids)
+
+
+class _SparseRows(torch.autograd.Function):
+    """``table[ids]`` whose gradient is row-sparse: a COO tensor holding only the batch's rows.
+
+    A dense gradient of an ``[N, ...]`` table costs O(N) memory traffic every step however few
+    users the batch holds; this one costs O(batch). ``PersonalAdamW`` then updates only those
+    rows (lazy Adam).
+    """
+
+    @staticmethod
+    def forward(ctx, table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(ids)
+        ctx.shape = table.shape
+        return table[ids]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (ids,) = ctx.saved_tensors
+        sparse = torch.sparse_coo_tensor(
+            ids.unsqueeze(0), grad, ctx.shape, check_invariants=False
+        )  # ids are in range: the router checked them
+        return sparse, None
 
 
 def _kaiming_(t: torch.Tensor) -> torch.Tensor:
@@ -267,18 +294,28 @@ class PersonalLoRALayer(nn.Module):
         lead = x.shape[:-1]
         h = self.dropout(x).to(self._dtype).reshape(x.shape[0], -1, self.in_features)  # [b,T,in]
         if self.user_a:
-            z = torch.bmm(h, self.user_A[ids].transpose(1, 2))  # [b,T,in] x [b,in,r] -> [b,T,r]
+            z = torch.bmm(
+                h, self._rows(self.user_A, ids).transpose(1, 2)
+            )  # [b,T,in] x [b,in,r] -> [b,T,r]
         else:
             z = h @ self.lora_A.T  # [b,T,r]
         if self.core == "core":
-            z = torch.bmm(z, self.user_C[ids].transpose(1, 2))  # [b,T,r] x [b,r,r]
+            z = torch.bmm(z, self._rows(self.user_C, ids).transpose(1, 2))  # [b,T,r] x [b,r,r]
         elif self.core == "diag":
-            z = z * self.user_d[ids].unsqueeze(1)  # [b,T,r] * [b,1,r]
+            z = z * self._rows(self.user_d, ids).unsqueeze(1)  # [b,T,r] * [b,1,r]
         if self.user_b:
-            delta = torch.bmm(z, self.user_B[ids].transpose(1, 2))  # [b,T,r] x [b,r,out]
+            delta = torch.bmm(
+                z, self._rows(self.user_B, ids).transpose(1, 2)
+            )  # [b,T,r] x [b,r,out]
         else:
             delta = z @ self.lora_B.T  # [b,T,out]
         return out + (delta * self.scale).reshape(*lead, self.out_features).to(out.dtype)
+
+    def _rows(self, table: nn.Parameter, ids: torch.Tensor) -> torch.Tensor:
+        """The batch's rows of a per-user table: ``[b, ...]``."""
+        if self.router.sparse_grads and torch.is_grad_enabled() and table.requires_grad:
+            return _SparseRows.apply(table, ids)
+        return table[ids]
 
     @property
     def _dtype(self) -> torch.dtype:

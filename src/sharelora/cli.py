@@ -95,6 +95,12 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     ):
         g.add_argument("--" + name.replace("_", "-"), type=type_, default=getattr(defaults, name))
     g.add_argument("--schedule", choices=("linear", "cosine", "constant"), default="linear")
+    g.add_argument(
+        "--sparse-users",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="row-sparse user tables + lazy Adam (auto: from 256 users)",
+    )
     g.add_argument("--gradient-checkpointing", action="store_true")
     g.add_argument("--group-by-length", action="store_true")
     g.add_argument("--no-progress", action="store_true", help="hide progress bars")

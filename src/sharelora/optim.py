@@ -1,26 +1,156 @@
-"""Optimizer and schedule: shared factors + head with weight decay, user tables without."""
+"""Optimizer and schedule: AdamW for shared factors and the head, lazy row-wise Adam for user
+tables.
+
+Per-user tables (``model.user_parameters()``, first dim = user) never get weight decay: decay,
+like momentum, would move users who are not in the batch.
+
+With row-sparse gradients (``sparse_users``) the user tables are updated lazily: only the rows
+of users in the batch change, and each row's bias correction counts that row's own updates.
+Dense Adam instead keeps moving an absent user's row by its decaying momentum ``m`` and decays
+its ``v``. The two agree exactly when every user is in every batch; with many users and small
+batches the lazy update costs O(users in the batch) instead of O(all users) per step.
+"""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from transformers import get_scheduler
 
 SCHEDULES = ("linear", "cosine", "constant")
+SPARSE_USERS = ("auto", "on", "off")
+# "auto" turns row-sparse user tables on from this many users (below, dense is as fast).
+SPARSE_USERS_THRESHOLD = 256
+
+
+class PersonalAdamW(torch.optim.Optimizer):
+    """AdamW (decoupled weight decay) whose ``lazy`` parameter groups take row-sparse gradients.
+
+    Args:
+        params: parameter groups; a group with ``lazy=True`` holds per-user tables ``[N, ...]``.
+        lr, betas, eps, weight_decay: as ``torch.optim.AdamW``.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas=(0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ):
+        defaults = {
+            "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "lazy": False,
+        }
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            if group["lazy"] and group["weight_decay"]:
+                raise ValueError("lazy (per-user) groups take no weight decay")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                    # Lazy groups count steps per row (users are updated at different rates);
+                    # float64 keeps 1 - beta2**step exact enough at small steps.
+                    shape = (p.shape[0],) if group["lazy"] else ()
+                    state["step"] = torch.zeros(shape, dtype=torch.float64, device=p.device)
+                if p.grad.is_sparse:
+                    self._sparse_step(p, state, group, beta1, beta2)
+                else:
+                    self._dense_step(p, state, group, beta1, beta2)
+        return loss
+
+    @staticmethod
+    def _dense_step(p, state, group, beta1, beta2):
+        grad, m, v = p.grad, state["exp_avg"], state["exp_avg_sq"]
+        state["step"] += 1
+        step = state["step"]
+        p.mul_(1 - group["lr"] * group["weight_decay"])
+        m.lerp_(grad, 1 - beta1)
+        v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        if step.dim():  # a lazy group given a dense gradient: every row took a step
+            step = step.reshape((-1,) + (1,) * (p.dim() - 1))
+            bc1, bc2_sqrt = (1 - beta1**step).to(p.dtype), (1 - beta2**step).sqrt().to(p.dtype)
+        else:
+            bc1, bc2_sqrt = 1 - beta1 ** step.item(), math.sqrt(1 - beta2 ** step.item())
+        denom = (v.sqrt() / bc2_sqrt).add_(group["eps"])
+        p.add_(-group["lr"] * (m / bc1) / denom)
+
+    @staticmethod
+    def _sparse_step(p, state, group, beta1, beta2):
+        grad = p.grad.coalesce()
+        rows, values = grad.indices()[0], grad.values()  # [k], [k, ...]
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        state["step"][rows] += 1
+        step = state["step"][rows].reshape((-1,) + (1,) * (p.dim() - 1))
+        m_rows = m[rows].lerp_(values, 1 - beta1)
+        v_rows = v[rows].mul_(beta2).addcmul_(values, values, value=1 - beta2)
+        m[rows], v[rows] = m_rows, v_rows
+        bc1, bc2_sqrt = (1 - beta1**step).to(p.dtype), (1 - beta2**step).sqrt().to(p.dtype)
+        denom = (v_rows.sqrt() / bc2_sqrt).add_(group["eps"])
+        p[rows] -= group["lr"] * (m_rows / bc1) / denom
 
 
 def build_optimizer(
-    model, lr: float = 1e-3, weight_decay: float = 0.0, user_lr: float | None = None
-) -> torch.optim.Optimizer:
-    """AdamW over two groups: shared parameters (``weight_decay``) and per-user tables (none).
+    model,
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    user_lr: float | None = None,
+    sparse_users: str | bool = "off",
+) -> PersonalAdamW:
+    """The optimizer for a ``PersonalizedRewardModel``: shared parameters with
+    ``weight_decay``, per-user tables in a lazy group without it.
 
-    Decay on a user table would shrink every user's row at each step, including users absent
-    from the batch; so user tables never decay.
+    ``sparse_users``: ``"on"``/``True`` gives user tables row-sparse gradients (set on the
+    model), ``"off"`` keeps them dense, ``"auto"`` turns them on from
+    ``SPARSE_USERS_THRESHOLD`` users.
     """
-    groups = [{"params": model.shared_parameters(), "weight_decay": weight_decay, "name": "shared"}]
+    if isinstance(sparse_users, bool):
+        sparse_users = "on" if sparse_users else "off"
+    if sparse_users not in SPARSE_USERS:
+        raise ValueError(f"sparse_users must be one of {SPARSE_USERS}, got {sparse_users!r}")
+    model.router.sparse_grads = sparse_users == "on" or (
+        sparse_users == "auto" and model.num_users >= SPARSE_USERS_THRESHOLD
+    )
+    groups = [{"params": model.shared_parameters(), "weight_decay": weight_decay}]
     users = model.user_parameters()
     if users:
-        groups.append({"params": users, "weight_decay": 0.0, "lr": user_lr or lr, "name": "users"})
-    return torch.optim.AdamW(groups, lr=lr)
+        groups.append({"params": users, "weight_decay": 0.0, "lr": user_lr or lr, "lazy": True})
+    return PersonalAdamW(groups, lr=lr)
+
+
+def clip_grad_norm_(params, max_norm: float) -> float:
+    """``torch.nn.utils.clip_grad_norm_`` that also takes row-sparse gradients."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    squares = []
+    for g in grads:
+        if g.is_sparse:
+            g = g.coalesce()
+            squares.append(g.values().float().pow(2).sum())
+        else:
+            squares.append(g.float().pow(2).sum())
+    norm = math.sqrt(float(torch.stack(squares).sum()))
+    if norm > max_norm:
+        scale = max_norm / (norm + 1e-6)
+        for g in grads:
+            g.mul_(scale)
+    return norm
 
 
 def build_scheduler(

@@ -18,7 +18,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import Comparison, PairDataset, PairTokenizer
 from .evaluate import bt_loss, pair_rewards, predict_margins, summarize
-from .optim import SCHEDULES, build_optimizer, build_scheduler
+from .optim import SCHEDULES, SPARSE_USERS, build_optimizer, build_scheduler, clip_grad_norm_
 from .prefix import PrefixCache
 
 
@@ -46,6 +46,8 @@ class TrainConfig:
         gradient_checkpointing: recompute activations in backward (less memory, slower).
         group_by_length: batch pairs of similar length (less padding), seeded.
         cache_prefix: with ``AdapterConfig.top_layers``, cache the frozen blocks once per text.
+        sparse_users: row-sparse gradients and lazy Adam for user tables (``auto``: from
+            ``optim.SPARSE_USERS_THRESHOLD`` users, single process only).
         progress: show tqdm bars.
     """
 
@@ -64,6 +66,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     group_by_length: bool = False
     cache_prefix: bool = True
+    sparse_users: str = "auto"
     progress: bool = True
 
     def __post_init__(self):
@@ -80,6 +83,10 @@ class TrainConfig:
             raise ValueError(f"lr must be a positive number (e.g. 2e-3), got {self.lr!r}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if self.sparse_users not in SPARSE_USERS:
+            raise ValueError(
+                f"sparse_users must be one of {SPARSE_USERS}, got {self.sparse_users!r}"
+            )
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if not 0 <= self.warmup_epochs < self.epochs:
@@ -191,7 +198,13 @@ def train(
     run = _Run(model, train_data, val_data, cfg.max_length, cache, cfg.progress)
     batches = math.ceil(len(run.train) / cfg.batch_size)
     total_steps = cfg.epochs * math.ceil(batches / cfg.grad_accum)
-    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
+    sparse = cfg.sparse_users
+    if acc.num_processes > 1:
+        # DDP all-reduces dense gradients; row-sparse tables are a single-process path.
+        if sparse == "on":
+            raise ValueError("--sparse-users on needs a single process; use auto or off")
+        sparse = "off"
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, sparse_users=sparse)
     scheduler = build_scheduler(optimizer, total_steps, cfg.warmup_ratio, cfg.schedule)
     wrapped, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
     progress = {"epoch": 0, "step": 0, "global_step": 0, "best": None, "seconds": 0.0}
@@ -268,7 +281,10 @@ def train(
                     )
                 acc.backward(loss)
                 if acc.sync_gradients and cfg.max_grad_norm:
-                    acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                    if model.router.sparse_grads:
+                        clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                    else:
+                        acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
