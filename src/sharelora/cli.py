@@ -147,6 +147,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("merged", "peft"), default="merged")
     p.add_argument("--output", required=True)
 
+    p = sub.add_parser("plan", help="parameter and memory budget per method, from the config")
+    p.add_argument("--users", type=int, required=True, help="number of users N")
+    p.add_argument("--backbone", default=DEFAULT_BACKBONE, help="hub id or local directory")
+    p.add_argument("--method", choices=list(METHODS), default="sharelora")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--targets", help="module-name suffixes (default: per architecture)")
+    p.add_argument("--top-layers", type=int, help="adapt only the top k blocks")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="dtype of the frozen backbone weights",
+    )
+    p.add_argument(
+        "--memory-gib",
+        type=float,
+        default=80.0,
+        help="memory for weights, gradients and AdamW state (default: one 80 GB GPU)",
+    )
+    p.add_argument("--json", help="also write the numbers here")
+    p.add_argument("--trust-remote-code", action="store_true")
+
     p = sub.add_parser("prepare", help="build a dataset file from a public source")
     p.add_argument("name", choices=("tldr", "helpsteer2"))
     p.add_argument("--output", required=True)

@@ -199,6 +199,24 @@ def cmd_prepare(args) -> None:
     _log(json.dumps(info))
 
 
+def cmd_plan(args) -> None:
+    from .adapters import AdapterConfig
+    from .plan import plan_table
+
+    if args.users < 1:
+        raise UsageError(f"--users must be a positive integer, got {args.users}")
+    adapter = AdapterConfig(
+        method=args.method, rank=args.rank, targets=args.targets, top_layers=args.top_layers
+    )
+    weight_bytes = 4 if args.dtype == "float32" else 2
+    table, details = plan_table(
+        args.backbone, adapter, args.users, weight_bytes, args.memory_gib, args.trust_remote_code
+    )
+    print(table)
+    if args.json:
+        Path(args.json).write_text(json.dumps(details, indent=1))
+
+
 COMMANDS = {
     "train": cmd_train,
     "eval": cmd_eval,
@@ -207,6 +225,7 @@ COMMANDS = {
     "compare": cmd_compare,
     "demo": cmd_demo,
     "prepare": cmd_prepare,
+    "plan": cmd_plan,
 }
 
 

@@ -1,0 +1,122 @@
+"""Parameter and memory budget of a personalized reward model, from the backbone config alone.
+
+The model is built on PyTorch's ``meta`` device: shapes without storage, so a 7B config costs
+nothing to inspect and no weights are downloaded.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoConfig, AutoModelForSequenceClassification
+
+from .adapters import METHODS, AdapterConfig
+from .backbone import BackboneError, resolve_backbone
+
+GiB = 1024**3
+
+
+def parameter_counts(
+    backbone: str, adapter: AdapterConfig, trust_remote_code: bool = False
+) -> dict[str, int]:
+    """``{"frozen", "shared", "per_user"}`` for one user of ``adapter`` on ``backbone``."""
+    from .model import PersonalizedRewardModel
+
+    try:
+        config = AutoConfig.from_pretrained(
+            resolve_backbone(backbone), num_labels=1, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as err:
+        raise BackboneError(
+            f"cannot read the config of {backbone!r} ({str(err).strip().splitlines()[0]}); pass "
+            "a local directory with config.json if the Hugging Face Hub is unreachable"
+        ) from err
+    if getattr(config, "pad_token_id", None) is None:
+        config.pad_token_id = 0  # only shapes matter here
+    with torch.device("meta"):
+        body = AutoModelForSequenceClassification.from_config(
+            config, trust_remote_code=trust_remote_code
+        )
+        model = PersonalizedRewardModel(body, ["u"], adapter)
+    report = model.parameter_report()
+    return {k: report[k] for k in ("frozen", "shared", "per_user")}
+
+
+def budget(
+    counts: dict[str, int],
+    users: int,
+    weight_bytes: int = 4,
+    batch_users: int = 16,
+    sparse: bool | None = None,
+) -> dict:
+    """Memory for weights, gradients and AdamW state (fp32 adapters, ``weight_bytes`` per frozen
+    weight). With row-sparse user tables only ``batch_users`` rows get gradients per step."""
+    from .optim import SPARSE_USERS_THRESHOLD
+
+    sparse = users >= SPARSE_USERS_THRESHOLD if sparse is None else sparse
+    user_total = counts["per_user"] * users
+    trainable = counts["shared"] + user_total
+    grad_rows = min(users, batch_users) if sparse else users
+    return {
+        "users": users,
+        "per_user": counts["per_user"],
+        "shared": counts["shared"],
+        "trainable": trainable,
+        "frozen": counts["frozen"],
+        "sparse_user_tables": sparse,
+        "weights_gib": (counts["frozen"] * weight_bytes + trainable * 4) / GiB,
+        "gradients_gib": (counts["shared"] + counts["per_user"] * grad_rows) * 4 / GiB,
+        "optimizer_gib": 2 * trainable * 4 / GiB,
+    }
+
+
+def total_gib(b: dict) -> float:
+    return b["weights_gib"] + b["gradients_gib"] + b["optimizer_gib"]
+
+
+def recommend(budgets: dict[str, dict], memory_gib: float) -> tuple[str | None, str]:
+    """The most expressive personalized method (sharelora, then core, then diag) whose weights,
+    gradients and AdamW state fit ``memory_gib`` (activations come on top)."""
+    for method in ("sharelora", "core", "diag"):
+        need = total_gib(budgets[method])
+        if need <= memory_gib:
+            return method, f"weights + gradients + AdamW state {need:.2f} GiB <= {memory_gib:g} GiB"
+    need = total_gib(budgets["diag"])
+    return None, (
+        f"even diag needs {need:.2f} GiB > {memory_gib:g} GiB: shard users across "
+        "runs or use a larger device"
+    )
+
+
+def plan_table(
+    backbone: str,
+    adapter: AdapterConfig,
+    users: int,
+    weight_bytes: int = 4,
+    memory_gib: float = 80.0,
+    trust_remote_code: bool = False,
+) -> tuple[str, dict]:
+    """A markdown table of every method's budget at ``users`` users, and the details."""
+    budgets = {}
+    for method in METHODS:
+        cfg = AdapterConfig(**{**adapter.to_dict(), "method": method})
+        budgets[method] = budget(
+            parameter_counts(backbone, cfg, trust_remote_code), users, weight_bytes
+        )
+    targets = cfg.targets  # resolved to the architecture's default when none were given
+    best, why = recommend(budgets, memory_gib)
+    lines = [
+        f"backbone {backbone}: {budgets['shared']['frozen']:,} frozen parameters; rank "
+        f"{adapter.rank}, targets {','.join(targets)}, {users:,} users",
+        "",
+        "| method | per user | shared | total trainable | weights GiB | grads GiB | AdamW GiB |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for method, b in budgets.items():
+        mark = "**" if method == adapter.method else ""
+        lines.append(
+            f"| {mark}{method}{mark} | {b['per_user']:,} | {b['shared']:,} | "
+            f"{b['trainable']:,} | {b['weights_gib']:.2f} | {b['gradients_gib']:.2f} | "
+            f"{b['optimizer_gib']:.2f} |"
+        )
+    lines += ["", f"recommended at {users:,} users: {best or 'none fits'} ({why})"]
+    return "\n".join(lines), {"methods": budgets, "recommended": best}

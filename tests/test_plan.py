@@ -1,0 +1,73 @@
+"""`sharelora plan`: budgets from the config alone (meta device), no weights loaded."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import LlamaConfig
+
+from sharelora.cli import main
+
+
+@pytest.fixture(scope="module")
+def llama3_8b_config(tmp_path_factory):
+    d = tmp_path_factory.mktemp("llama3-8b")
+    LlamaConfig(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+    ).save_pretrained(d)
+    return str(d)
+
+
+def test_llama3_8b_budget_from_config(llama3_8b_config, tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert (
+        main(
+            [
+                "plan",
+                "--backbone",
+                llama3_8b_config,
+                "--rank",
+                "32",
+                "--targets",
+                "q_proj,v_proj",
+                "--users",
+                "100000",
+                "--dtype",
+                "bfloat16",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    plan = json.loads(out.read_text())["methods"]
+    # 32 layers; q_proj 4096->4096, v_proj 4096->1024 (8 KV heads of 128), r = 32
+    assert plan["sharelora"]["per_user"] == 32 * 32 * (4096 + 4096)
+    assert plan["sharelora"]["shared"] == 32 * 32 * (4096 + 1024) + 4096  # B's + score head
+    assert plan["sharelora-b"]["per_user"] == 32 * 32 * (4096 + 1024)
+    assert plan["independent"]["per_user"] == 32 * 32 * (4096 + 4096 + 4096 + 1024)
+    assert plan["core"]["per_user"] == 32 * 2 * 32 * 32
+    assert plan["diag"]["per_user"] == 32 * 2 * 32
+    assert plan["shared"]["frozen"] == 7_504_924_672
+    text = capsys.readouterr().out
+    assert "recommended at 100,000 users: diag" in text and "| **sharelora** |" in text
+
+
+def test_minilm_plan_matches_the_built_model(capsys):
+    assert main(["plan", "--users", "10000", "--memory-gib", "16"]) == 0
+    text = capsys.readouterr().out
+    assert "| **sharelora** | 36,864 | 37,249 | 368,677,249 |" in text
+    assert "recommended at 10,000 users: sharelora" in text
+
+
+def test_plan_rejects_bad_input(capsys):
+    assert main(["plan", "--users", "0"]) == 2
+    assert "--users must be a positive integer" in capsys.readouterr().err
+    assert main(["plan", "--users", "5", "--backbone", "/nonexistent/model"]) == 2
+    assert "cannot read the config" in capsys.readouterr().err
