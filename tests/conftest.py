@@ -100,8 +100,7 @@ def randomize(model, seed: int = 0, scale: float = 0.3) -> None:
                 p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
 
 
-@pytest.fixture(scope="session")
-def tiny_text_backbone(tmp_path_factory):
+def save_text_backbone(directory, **config) -> str:
     """A tiny random BERT with the real MiniLM tokenizer: text in, fast on CPU."""
     from transformers import AutoTokenizer
 
@@ -117,11 +116,16 @@ def tiny_text_backbone(tmp_path_factory):
         intermediate_size=64,
         max_position_embeddings=128,
         num_labels=1,
+        **config,
     )
-    d = tmp_path_factory.mktemp("tiny-text")
-    AutoModelForSequenceClassification.from_config(config).save_pretrained(d)
-    tokenizer.save_pretrained(d)
-    return str(d)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.fixture(scope="session")
+def tiny_text_backbone(tmp_path_factory):
+    return save_text_backbone(tmp_path_factory.mktemp("tiny-text"))
 
 
 def opposite_tastes(n_per_user: int = 40, seed: int = 0):

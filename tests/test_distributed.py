@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import save_text_backbone
 from safetensors.torch import load_file
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig
 
 HERE = Path(__file__).parent
 # Summation order differs between one process and an all-reduce of two halves.
@@ -27,24 +27,11 @@ TOLERANCE = 1e-5
 @pytest.fixture(scope="module")
 def no_dropout_backbone(tmp_path_factory):
     """Dropout draws differ per process, so the comparison needs a model without it."""
-    from sharelora.backbone import resolve_backbone
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve_backbone("minilm"))
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        num_labels=1,
+    return save_text_backbone(
+        tmp_path_factory.mktemp("no-dropout"),
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
     )
-    d = tmp_path_factory.mktemp("no-dropout")
-    AutoModelForSequenceClassification.from_config(config).save_pretrained(d)
-    tokenizer.save_pretrained(d)
-    return str(d)
 
 
 def _run(cmd, tmp_path):

@@ -101,32 +101,23 @@ def cmd_eval(args) -> None:
 
 
 def cmd_score(args) -> None:
+    from .data.read import DataError, jsonl_rows
     from .model import PersonalizedRewardModel
     from .score import score_texts
 
+    path = Path(args.input)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
     rows = []
-    with open(args.input, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UsageError(
-                    f"{args.input}: line {number}: malformed JSON ({err.msg})"
-                ) from None
-            if not isinstance(row, dict):
-                raise UsageError(f"{args.input}: line {number}: not a JSON object")
-            for col in (args.response_col, args.user_col):
-                if not isinstance(row.get(col), (str, int)) or row.get(col) in ("", None):
-                    raise UsageError(
-                        f"{args.input}: line {number} column {col!r}: missing or not text"
-                    )
-            if not isinstance(row.get(args.prompt_col, ""), str):
-                raise UsageError(
-                    f"{args.input}: line {number} column {args.prompt_col!r}: not text"
-                )
-            rows.append(row)
+    for number, row in jsonl_rows(path):
+        if isinstance(row, str):  # the reader's description of a malformed line
+            raise DataError(f"{path}: line {number}: {row}")
+        for col in (args.response_col, args.user_col):
+            if not isinstance(row.get(col), (str, int)) or row.get(col) in ("", None):
+                raise DataError(f"{path}: line {number} column {col!r}: missing or not text")
+        if not isinstance(row.get(args.prompt_col, ""), str):
+            raise DataError(f"{path}: line {number} column {args.prompt_col!r}: not text")
+        rows.append(row)
     model = PersonalizedRewardModel.from_pretrained(args.model) if rows else None
     rewards = (
         score_texts(

@@ -60,7 +60,7 @@ class ReadReport:
         return f"{self.source}: kept {self.kept} of {self.rows} rows; skipped {reasons}"
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict | str]]:
+def jsonl_rows(path: Path) -> Iterator[tuple[int, dict | str]]:
     """Yield ``(line number, object)``, or ``(line, error text)`` for a malformed line."""
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8", errors="strict") as f:
@@ -184,7 +184,7 @@ def read_preferences(
         path = Path(source)
         if not path.is_file():
             raise DataError(f"{source}: file not found")
-        rows: Iterable = _jsonl_rows(path)
+        rows: Iterable = jsonl_rows(path)
         available = None
     else:
         if kind != "hf" and not Path(source).is_file():
