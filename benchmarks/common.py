@@ -60,8 +60,11 @@ def bt_step(forward, optimizer, batch) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def interleaved_median(steps: dict, rounds: int, warmup: int = 1) -> dict[str, float]:
-    """Median seconds per call of each function, run in turns so drift hits all alike."""
+def interleaved_median(
+    steps: dict, rounds: int, warmup: int = 1, reduce=statistics.median
+) -> dict[str, float]:
+    """Seconds per call of each function (median of the rounds, or ``reduce``), run in turns
+    so that drift hits all alike."""
     for fn in steps.values():
         for _ in range(warmup):
             fn()
@@ -71,7 +74,7 @@ def interleaved_median(steps: dict, rounds: int, warmup: int = 1) -> dict[str, f
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return {name: reduce(ts) for name, ts in times.items()}
 
 
 def table(headers: list[str], rows: list[list]) -> str:

@@ -14,7 +14,9 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from .files import save_safetensors, write_text
 
 STATE_FILE = "trainer_state.json"
 TENSORS_FILE = "optimizer.safetensors"
@@ -51,14 +53,22 @@ def atomic_dir(final: Path):
 
 
 def commit(tmp: Path, final: Path) -> None:
+    """Swap ``tmp`` in as ``final``. Killed at any point, ``resolve_checkpoint`` still finds a
+    complete checkpoint: ``final``, or ``final.old`` while the swap is half done."""
     old = final.with_name(final.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
     if final.exists():
+        if old.exists():  # a leftover; final is the good one
+            shutil.rmtree(old)
         final.rename(old)
     tmp.rename(final)
     if old.exists():
         shutil.rmtree(old)
+
+
+def resolve_checkpoint(final: Path) -> Path | None:
+    """The complete checkpoint at ``final`` (or its ``.old`` twin mid-swap), if any."""
+    old = final.with_name(final.name + ".old")
+    return final if final.exists() else old if old.exists() else None
 
 
 def save_checkpoint(directory: Path, model, optimizer, scheduler, progress: dict) -> None:
@@ -70,7 +80,7 @@ def save_checkpoint(directory: Path, model, optimizer, scheduler, progress: dict
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda.{i}"] = s
-    save_file(tensors, tmp / TENSORS_FILE)
+    save_safetensors(tensors, tmp / TENSORS_FILE)
     py_state = random.getstate()
     state = {
         "optimizer": meta,
@@ -78,7 +88,7 @@ def save_checkpoint(directory: Path, model, optimizer, scheduler, progress: dict
         "progress": progress,
         "python_rng": [py_state[0], list(py_state[1]), py_state[2]],
     }
-    (tmp / STATE_FILE).write_text(json.dumps(state))
+    write_text(tmp / STATE_FILE, json.dumps(state))
     commit(tmp, directory)
 
 

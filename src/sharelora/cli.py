@@ -124,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="train several methods on one split; report and plot")
     _add_data(p), _add_split(p), _add_model(p), _add_train(p)
     p.add_argument("--methods", default="shared,independent,sharelora")
+    p.add_argument(
+        "--shots",
+        help="with --holdout-users: few-shot curves at these k, e.g. "
+        "5,10,25,50 (needs shared and sharelora among --methods)",
+    )
     p.add_argument("--output", required=True)
 
     p = sub.add_parser("eval", help="per-user accuracy of a trained model on data")
@@ -140,6 +145,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-col", default="prompt")
     p.add_argument("--user-col", default="user")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument(
+        "--unknown-user",
+        choices=("error", "population"),
+        default="error",
+        help="score users the model does not know with the population adapter",
+    )
+
+    p = sub.add_parser("onboard", help="add new users from a few comparisons each")
+    _add_data(p), _add_train(p)
+    p.add_argument("--model", required=True)
+    p.add_argument("--output", required=True)
 
     p = sub.add_parser("export", help="write one user's reward model (merged or PEFT)")
     p.add_argument("--model", required=True)
@@ -168,6 +184,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", help="also write the numbers here")
     p.add_argument("--trust-remote-code", action="store_true")
+
+    p = sub.add_parser("simulate", help="linear low-rank Bradley-Terry sample-complexity sweep")
+    p.add_argument("--quick", action="store_true", help="a smaller sweep (under 2 minutes)")
+    p.add_argument("--output", default="sharelora-simulate")
+    p.add_argument("--n", help="comparisons per user, e.g. 5,10,20,50,100,200")
+    p.add_argument("--users", help="numbers of users N, e.g. 10,100")
+    p.add_argument("--rank", help="ranks r, e.g. 2")
+    p.add_argument("--seeds", help="seeds, e.g. 0,1,2")
+    p.add_argument("--dim", type=int, default=16, help="feature dimension d")
+    p.add_argument(
+        "--individual",
+        type=float,
+        default=0.0,
+        help="scale of each user's individual deviation from the low-rank structure",
+    )
 
     p = sub.add_parser("prepare", help="build a dataset file from a public source")
     p.add_argument("name", choices=("tldr", "helpsteer2"))
@@ -203,14 +234,21 @@ def _load_config(path: str) -> dict:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    """Flags, with ``--config`` values as defaults: a flag on the command line wins."""
+    """Flags, with ``--config`` values as defaults: a flag on the command line wins, and a
+    config file may hold any flag, required ones included."""
     parser = build_parser()
+    subparsers = parser._subparsers._group_actions[0].choices
+    required = {}
+    for name, sub in subparsers.items():  # checked after the config file is merged
+        for action in sub._actions:
+            if action.required and action.option_strings:
+                action.required = False
+                required.setdefault(name, []).append(action)
     args = parser.parse_args(argv)
+    sub = subparsers[args.command]
     if args.config:
         config = _load_config(args.config)
-        sub = parser._subparsers._group_actions[0].choices[args.command]
-        known = {a.dest for a in sub._actions}
-        unknown = sorted(set(config) - known)
+        unknown = sorted(set(config) - {a.dest for a in sub._actions})
         if unknown:
             raise UsageError(
                 f"config {args.config}: unknown option(s) for '{args.command}': "
@@ -218,11 +256,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             )
         sub.set_defaults(**config)
         args = parser.parse_args(argv)
+    missing = [
+        a.option_strings[0] for a in required.get(args.command, []) if getattr(args, a.dest) is None
+    ]
+    if missing:
+        raise UsageError(
+            f"{args.command}: {', '.join(missing)} required (as a flag or in --config)"
+        )
     return args
 
 
-def _configs(args) -> tuple[AdapterConfig, TrainConfig]:
-    adapter = AdapterConfig(
+def _adapter_config(args) -> AdapterConfig:
+    return AdapterConfig(
         method=args.method,
         rank=args.rank,
         alpha=args.alpha,
@@ -231,11 +276,13 @@ def _configs(args) -> tuple[AdapterConfig, TrainConfig]:
         user_init=args.user_init,
         top_layers=args.top_layers,
     )
+
+
+def _train_config(args) -> TrainConfig:
     names = {f.name for f in fields(TrainConfig)}
-    train_cfg = TrainConfig(
+    return TrainConfig(
         **{k: v for k, v in vars(args).items() if k in names}, progress=not args.no_progress
     )
-    return adapter, train_cfg
 
 
 def main(argv: list[str] | None = None) -> int:

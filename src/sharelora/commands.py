@@ -7,7 +7,10 @@ import sys
 import time
 from pathlib import Path
 
-from .cli import DEMO, DEMO_QUICK, UsageError, _configs
+import torch
+
+from .cli import DEMO, DEMO_QUICK, UsageError, _adapter_config, _train_config
+from .files import write_json
 
 
 def _log(*parts) -> None:
@@ -54,11 +57,12 @@ def cmd_train(args) -> None:
     from .model import PersonalizedRewardModel
     from .train import train
 
-    adapter, cfg = _configs(args)
+    adapter, cfg = _adapter_config(args), _train_config(args)
     splits = _split(args, _read(args))
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     splits.write_manifest(out / "split.json")
+    torch.manual_seed(cfg.seed)  # the adapters' initial draw is part of the run's seed
     model = PersonalizedRewardModel.from_backbone(
         args.backbone,
         splits.users,
@@ -71,7 +75,7 @@ def cmd_train(args) -> None:
     result = train(model, splits.train, splits.val, cfg, out, resume=args.resume)
     if splits.test:
         metrics = evaluate(model, splits.test, seed=cfg.seed, prefix_cache=result["prefix_cache"])
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        write_json(out / "metrics.json", metrics)
         _print_metrics(metrics)
     _log(f"model written to {out}")
 
@@ -92,12 +96,13 @@ def cmd_eval(args) -> None:
     from .evaluate import evaluate
     from .model import PersonalizedRewardModel
 
+    data = _read(args)  # bad data fails fast, before a large model loads
     model = PersonalizedRewardModel.from_pretrained(args.model)
-    metrics = evaluate(model, _read(args), args.batch_size, split="eval")
+    metrics = evaluate(model, data, args.batch_size, split="eval")
     _print_metrics(metrics)
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(metrics, indent=1))
+        write_json(args.output, metrics)
 
 
 def cmd_score(args) -> None:
@@ -126,6 +131,7 @@ def cmd_score(args) -> None:
             [r[args.response_col] for r in rows],
             [r[args.user_col] for r in rows],
             args.batch_size,
+            args.unknown_user,
         )
         if rows
         else []
@@ -135,6 +141,57 @@ def cmd_score(args) -> None:
         for row, reward in zip(rows, rewards, strict=True):
             f.write(json.dumps({**row, "reward": reward}, ensure_ascii=False) + "\n")
     _log(f"scored {len(rows)} rows -> {args.output}")
+
+
+def cmd_onboard(args) -> None:
+    from .model import PersonalizedRewardModel
+    from .onboard import onboard
+
+    cfg = _train_config(args)
+    data = _read(args)
+    model = PersonalizedRewardModel.from_pretrained(args.model)
+    before = model.num_users
+    onboard(model, data, None, cfg, args.output)
+    _log(
+        f"onboarded {model.num_users - before} users ({len(data)} comparisons); "
+        f"{model.num_users} users in {args.output}"
+    )
+
+
+def _int_list(flag: str, text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"{flag}: expected comma-separated integers, got {text!r}") from None
+
+
+def cmd_simulate(args) -> None:
+    from .simulate import SimConfig, markdown, simulate
+
+    sweep = {
+        "n": _int_list("--n", args.n),
+        "users": _int_list("--users", args.users),
+        "rank": _int_list("--rank", args.rank),
+        "seeds": _int_list("--seeds", args.seeds),
+    }
+    if args.quick:
+        sweep = {"n": [5, 10, 25, 50, 100], "users": [10, 100], "rank": [2], "seeds": [0, 1]} | {
+            k: v for k, v in sweep.items() if v is not None
+        }
+    cfg = SimConfig(
+        **{k: v for k, v in sweep.items() if v is not None},
+        dim=args.dim,
+        individual=args.individual,
+    )
+    started = time.time()
+    result = simulate(cfg, args.output, progress=_log)
+    print(markdown(result["summary"]))
+    _log(
+        f"simulate finished in {time.time() - started:.0f}s; {args.output}/results.json, "
+        f"{args.output}/error_vs_n.png"
+    )
 
 
 def cmd_export(args) -> None:
@@ -155,10 +212,30 @@ def cmd_compare(args) -> None:
         raise UsageError(
             f"--methods: unknown {', '.join(bad) or '(none)'}; choose from {', '.join(METHODS)}"
         )
-    adapter, cfg = _configs(args)
+    adapter, cfg = _adapter_config(args), _train_config(args)
     splits = _split(args, _read(args))
+    shots = _int_list("--shots", args.shots)
+    if shots and (not args.holdout_users or not {"shared", "sharelora"} <= set(methods)):
+        raise UsageError(
+            "--shots needs --holdout-users K and both shared and sharelora in --methods"
+        )
     results = compare(splits, methods, adapter, cfg, args.backbone, args.output, log=_log)
     print((Path(args.output) / "report.md").read_text())
+    if shots:
+        from .fewshot import fewshot_curves
+
+        out = Path(args.output)
+        fewshot_curves(
+            splits.holdout,
+            shots,
+            {m: out / m for m in ("shared", "sharelora")},
+            args.backbone,
+            adapter,
+            cfg,
+            out,
+            log=_log,
+        )
+        print((out / "fewshot.md").read_text())
     return results
 
 
@@ -205,7 +282,7 @@ def cmd_plan(args) -> None:
     )
     print(table)
     if args.json:
-        Path(args.json).write_text(json.dumps(details, indent=1))
+        write_json(args.json, details)
 
 
 COMMANDS = {
@@ -217,6 +294,8 @@ COMMANDS = {
     "demo": cmd_demo,
     "prepare": cmd_prepare,
     "plan": cmd_plan,
+    "onboard": cmd_onboard,
+    "simulate": cmd_simulate,
 }
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -12,6 +11,7 @@ import torch
 from .adapters import AdapterConfig
 from .data import Splits
 from .evaluate import evaluate
+from .files import write_json, write_text
 from .model import PersonalizedRewardModel
 from .report import accuracy_table, plot_accuracy
 from .train import TrainConfig, train
@@ -55,7 +55,7 @@ def compare(
             seed=config.seed,
             prefix_cache=cache,
         )
-        (out / method / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        write_json(out / method / "metrics.json", metrics)
         results[method] = metrics
         timings[method] = round(time.time() - started, 1)
         log(
@@ -63,20 +63,19 @@ def compare(
             f"(micro {metrics['micro_accuracy']:.3f}) in {timings[method]:.0f}s"
         )
     table = accuracy_table(results)
-    (out / "report.md").write_text(
+    write_text(
+        out / "report.md",
         f"# Per-user test accuracy\n\n{table}\n\nA tie counts as half right. Training pairs: "
-        f"{len(splits.train)}; test pairs: {len(test)}; users: {len(splits.users)}.\n"
+        f"{len(splits.train)}; test pairs: {len(test)}; users: {len(splits.users)}.\n",
     )
     plot_accuracy(results, out / "accuracy.png", title="per-user test accuracy")
-    (out / "summary.json").write_text(
-        json.dumps(
-            {
-                "methods": methods,
-                "seconds": timings,
-                "macro_accuracy": {m: r["macro_accuracy"] for m, r in results.items()},
-                "micro_accuracy": {m: r["micro_accuracy"] for m, r in results.items()},
-            },
-            indent=1,
-        )
+    write_json(
+        out / "summary.json",
+        {
+            "methods": methods,
+            "seconds": timings,
+            "macro_accuracy": {m: r["macro_accuracy"] for m, r in results.items()},
+            "micro_accuracy": {m: r["micro_accuracy"] for m, r in results.items()},
+        },
     )
     return results

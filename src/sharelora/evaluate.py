@@ -8,6 +8,8 @@ from collections import defaultdict
 import torch
 import torch.nn.functional as F
 
+from .users import UnknownUserError
+
 
 def pair_rewards(model, batch: dict, cache=None, indices=None) -> torch.Tensor:
     """Rewards ``[2B]`` for a collated pair batch (chosen rows first), through the prefix cache
@@ -102,22 +104,29 @@ def predict_margins(
 def evaluate(
     model, data, batch_size: int = 32, split: str = "test", seed: int = 0, prefix_cache=None
 ) -> dict:
-    """``metrics.json`` for ``model`` on comparisons ``data`` (users must be known).
+    """``metrics.json`` for ``model`` on comparisons ``data``.
 
-    ``prefix_cache`` (from training on the same backbone) skips the frozen blocks when the
-    model's adapters sit in its top blocks only.
+    A personalized model must know every user of ``data``; the ``shared`` model scores anyone
+    (its reward ignores the user). ``prefix_cache`` (from training on the same backbone) skips
+    the frozen blocks when the model's adapters sit in its top blocks only.
     """
+    from dataclasses import replace
+
     from .prefix import PrefixCache
     from .train import _Run
 
-    unknown = sorted({c.user for c in data} - set(model.users))
-    if unknown:
-        raise ValueError(
-            f"{len(unknown)} user(s) in the data are not in the model: {', '.join(unknown[:5])}"
-        )
+    rows = data
+    if model.adapter_config.personalized:
+        unknown = sorted({c.user for c in data} - set(model.users))
+        if unknown:
+            raise UnknownUserError(
+                f"{len(unknown)} user(s) in the data are not in the model: {', '.join(unknown[:5])}"
+            )
+    else:
+        rows = [replace(c, user=model.users.names[0]) for c in data]
     cache = None
     if prefix_cache is not None and model.adapter_config.top_layers:
         cache = PrefixCache(model, store=prefix_cache)
-    run = _Run(model, None, data, model.max_length, cache, progress=False)
+    run = _Run(model, None, rows, model.max_length, cache, progress=False)
     margins = predict_margins(model, run.val, batch_size, rewards_fn=run.rewards)
     return summarize([c.user for c in data], margins, model.adapter_config.method, split, seed)

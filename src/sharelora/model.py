@@ -10,8 +10,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from . import files
 from .adapters import AdapterConfig, PersonalLoRALayer, UserRouter
 from .backbone import load_backbone, prepare_backbone
 from .inject import head_module_names, inject_adapters
@@ -108,6 +109,23 @@ class PersonalizedRewardModel(nn.Module):
     @property
     def num_users(self) -> int:
         return len(self.users)
+
+    @torch.no_grad()
+    def add_users(self, names: Iterable[object]) -> list[int]:
+        """Append new users; their rows of every per-user table start at the population
+        adapter (the mean of the existing rows). Existing rows are not touched. Returns the ids
+        of ``names`` (known names keep theirs)."""
+        before = self.num_users
+        ids = self.users.add(names)
+        added = self.num_users - before
+        if added:
+            for layer in self.adapter_layers.values():
+                for name, table in layer.user_parameters.items():
+                    rows = table.mean(0, keepdim=True).expand(added, *table.shape[1:])
+                    grown = nn.Parameter(torch.cat([table, rows]), table.requires_grad)
+                    setattr(layer, name, grown)
+            self.router.num_users = self.num_users
+        return ids
 
     # ------------------------------------------------------------------------------ forward
     def forward(
@@ -212,9 +230,9 @@ class PersonalizedRewardModel(nn.Module):
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.contiguous().cpu() for k, v in self.trainable_state_dict().items()}
-        save_file(tensors, d / WEIGHTS_FILE, metadata={"format": "pt"})
+        files.save_safetensors(tensors, d / WEIGHTS_FILE, metadata={"format": "pt"})
         self.users.save(d / USERS_FILE)
-        (d / CONFIG_FILE).write_text(json.dumps(self.config_dict(training), indent=1))
+        files.write_json(d / CONFIG_FILE, self.config_dict(training))
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(d)
 
@@ -229,7 +247,10 @@ class PersonalizedRewardModel(nn.Module):
         """Load a directory written by ``save_pretrained``; ``backbone`` overrides its path."""
         d = Path(directory)
         config = read_config(d)
-        users = UserVocab.load(d / USERS_FILE)
+        try:
+            users = UserVocab.load(d / USERS_FILE)
+        except ValueError as err:
+            raise ModelFormatError(str(err)) from err
         if len(users) != config["num_users"]:
             raise ModelFormatError(
                 f"{d / USERS_FILE}: {len(users)} users but {CONFIG_FILE} says {config['num_users']}"

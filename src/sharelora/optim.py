@@ -126,8 +126,9 @@ def build_optimizer(
     model.router.sparse_grads = sparse_users == "on" or (
         sparse_users == "auto" and model.num_users >= SPARSE_USERS_THRESHOLD
     )
-    groups = [{"params": model.shared_parameters(), "weight_decay": weight_decay}]
-    users = model.user_parameters()
+    shared = model.shared_parameters()
+    groups = [{"params": shared, "weight_decay": weight_decay}] if shared else []
+    users = [p for p in model.user_parameters() if p.requires_grad]
     if users:
         groups.append({"params": users, "weight_decay": 0.0, "lr": user_lr or lr, "lazy": True})
     return PersonalAdamW(groups, lr=lr)

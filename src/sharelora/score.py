@@ -16,9 +16,12 @@ def score_texts(
     responses: Sequence[str],
     users: Sequence[object],
     batch_size: int = 32,
+    unknown_user: str = "error",
 ) -> list[float]:
     """``r_u(prompt, response)`` for each row; the same tokenization and truncation rule as
-    training. Unknown users raise ``KeyError``."""
+    training. An unknown user raises ``UnknownUserError``, or with
+    ``unknown_user="population"`` is scored with the population adapter (the mean of the
+    trained users' factors)."""
     if prompts is None:
         prompts = [""] * len(responses)
     if not (len(prompts) == len(responses) == len(users)):
@@ -28,7 +31,17 @@ def score_texts(
         )
     if not responses:
         return []
-    ids = model.users.encode(users) if model.adapter_config.personalized else None
+    if unknown_user not in ("error", "population"):
+        raise ValueError(f"unknown_user must be 'error' or 'population', got {unknown_user!r}")
+    ids = None
+    if model.adapter_config.personalized:
+        if unknown_user == "population":
+            from .onboard import POPULATION, add_population_user
+
+            if any(u not in model.users for u in users):
+                add_population_user(model)
+            users = [u if u in model.users else POPULATION for u in users]
+        ids = model.users.encode(users)
     encoder = PairTokenizer(model.tokenizer, model.max_length)
     device = next(model.parameters()).device
     was_training = model.training

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,9 +16,10 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from .data import Comparison, PairDataset, PairTokenizer
 from .evaluate import bt_loss, pair_rewards, predict_margins, summarize
+from .files import OutputLock, write_json
 from .optim import SCHEDULES, SPARSE_USERS, build_optimizer, build_scheduler, clip_grad_norm_
 from .prefix import PrefixCache
 
@@ -175,7 +177,22 @@ def train(
     ``prefix_cache``: a cache over the same backbone to reuse (see ``sharelora.prefix``); the
     one used is returned as ``result["prefix_cache"]``.
     """
-    cfg = config or TrainConfig()
+    lock = None
+    # The launcher's RANK: building accelerate's state here would fix it before the
+    # Accelerator below picks the distributed type.
+    if output_dir is not None and os.environ.get("RANK", "0") == "0":
+        lock = OutputLock(output_dir)  # two runs writing one directory would corrupt it
+        lock.acquire()
+    try:
+        return _train(
+            model, train_data, val_data, config or TrainConfig(), output_dir, resume, prefix_cache
+        )
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(model, train_data, val_data, cfg: TrainConfig, output_dir, resume, prefix_cache):
     unknown = sorted({c.user for c in train_data} - set(model.users))
     if unknown:
         raise ValueError(f"training users not in the model: {', '.join(unknown[:5])}")
@@ -209,9 +226,12 @@ def train(
     wrapped, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
     progress = {"epoch": 0, "step": 0, "global_step": 0, "best": None, "seconds": 0.0}
     if resume:
-        last = out / "checkpoints" / "last" if out else None
-        if last is None or not last.exists():
-            raise TrainingError(f"--resume: no checkpoint at {last}; start without --resume")
+        last = resolve_checkpoint(out / "checkpoints" / "last") if out else None
+        if last is None:
+            raise TrainingError(
+                f"--resume: no checkpoint in {out / 'checkpoints' if out else '(no output)'}; "
+                "start without --resume"
+            )
         progress = load_checkpoint(last, model, optimizer, scheduler)
     log = (out / "train_log.jsonl").open("a") if out and acc.is_main_process else None
     started = time.time() - progress["seconds"]
@@ -339,6 +359,6 @@ def _finish(model, run, cfg, out, acc, progress, evaluate_val) -> dict:
     if out and acc.is_main_process:
         model.save_pretrained(out, training=summary)
         if metrics:
-            (out / "val_metrics.json").write_text(json.dumps(metrics, indent=1))
+            write_json(out / "val_metrics.json", metrics)
     acc.wait_for_everyone()
     return {"summary": summary, "val_metrics": metrics, "prefix_cache": run.cache}

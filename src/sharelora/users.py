@@ -102,11 +102,16 @@ class UserVocab:
         return [self._names[i] for i in ids]
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps({"users": self._names}, indent=1, ensure_ascii=False))
+        from .files import write_json
+
+        write_json(path, {"users": self._names})
 
     @classmethod
     def load(cls, path: str | Path) -> UserVocab:
-        data = json.loads(Path(path).read_text())
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path}: cannot read the user list ({err})") from err
         if not isinstance(data, dict) or not isinstance(data.get("users"), list):
             raise ValueError(f"{path}: expected a JSON object with a 'users' list")
         vocab = cls(data["users"])

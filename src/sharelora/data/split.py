@@ -65,7 +65,9 @@ class Splits:
         return list(dict.fromkeys(c.user for c in self.train))
 
     def write_manifest(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.manifest, indent=1))
+        from ..files import write_json
+
+        write_json(path, self.manifest)
 
 
 def _bucket(seed: int, key: str) -> float:
