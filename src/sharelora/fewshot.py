@@ -117,6 +117,7 @@ def _plot(results: dict, shots: list[int], path: Path) -> None:
         ax.plot(shots, [by_k[k] for k in shots], marker="o", label=name)
     ax.axhline(0.5, color="grey", lw=0.8, ls="--")
     ax.set_xscale("log")
+    ax.minorticks_off()
     ax.set_xticks(shots, [str(k) for k in shots])
     ax.set_xlabel("comparisons from each new user (k)")
     ax.set_ylabel("macro test accuracy")
