@@ -18,6 +18,5 @@ if __name__ == "__main__":
         backbone, ["sunny", "rainy"], AdapterConfig(rank=2)
     )
     cfg = TrainConfig(epochs=2, lr=5e-3, batch_size=8, progress=False, max_length=32)
-    train(model, opposite_tastes(12), opposite_tastes(5, seed=1), cfg, output)
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    print(f"processes: {world}")
+    result = train(model, opposite_tastes(12), opposite_tastes(5, seed=1), cfg, output)
+    print(f"processes: {result['summary']['processes']}")

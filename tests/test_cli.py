@@ -10,6 +10,9 @@ from conftest import opposite_tastes
 from sharelora.cli import main
 from sharelora.trl import reward_function
 
+# The smallest training that still runs every step of the pipeline.
+TINY = ["--epochs", "1", "--rank", "2", "--max-length", "32", "--no-progress"]
+
 
 def _write_data(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -203,13 +206,7 @@ def test_compare_report_plot_and_metrics(tiny_text_backbone, data_file, tmp_path
                 "shared,sharelora",
                 "--output",
                 str(out),
-                "--epochs",
-                "1",
-                "--rank",
-                "2",
-                "--max-length",
-                "32",
-                "--no-progress",
+                *TINY,
             ]
         )
         == 0
@@ -317,13 +314,7 @@ def test_compare_fewshot_curves_for_held_out_users(tiny_text_backbone, tmp_path,
                 "2,4",
                 "--output",
                 str(out),
-                "--epochs",
-                "1",
-                "--rank",
-                "2",
-                "--max-length",
-                "32",
-                "--no-progress",
+                *TINY,
             ]
         )
         == 0

@@ -20,8 +20,10 @@ from conftest import save_text_backbone
 from safetensors.torch import load_file
 
 HERE = Path(__file__).parent
-# Summation order differs between one process and an all-reduce of two halves.
-TOLERANCE = 1e-5
+# Summation order differs between one process and an all-reduce of two halves (~1e-7), and
+# Adam divides each coordinate by its own gradient scale, so a coordinate whose gradient is
+# near zero can move by up to its learning rate on rounding alone; 1e-4 bounds that here.
+TOLERANCE = 1e-4
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,9 @@ import torch
 
 from sharelora import DEFAULT_BACKBONE, AdapterConfig, PersonalizedRewardModel
 
-# 6 layers x (query, value), each 384 -> 384, r = 8; the head is Linear(384, 1).
-MODULES, D, R, HEAD = 12, 384, 8, 385
+# 6 layers x (query, value), each 384 -> 384, r = 8; the head is Linear(384, 1), whose bias
+# stays frozen (it cancels in the Bradley-Terry loss).
+MODULES, D, R, HEAD = 12, 384, 8, 384
 BUDGET = {
     #  method:       (shared incl. head,          per user)
     "shared": (MODULES * 2 * R * D + HEAD, 0),
@@ -34,7 +35,7 @@ def test_parameter_report(method):
     shared, per_user = BUDGET[method]
     assert (report["shared"], report["per_user"]) == (shared, per_user)
     assert report["trainable"] == shared + 3 * per_user
-    assert report["frozen"] == 22_713_216  # the MiniLM body; its head is new and trains
+    assert report["frozen"] == 22_713_216 + 1  # the MiniLM body and the head's scalar bias
     assert model.adapter_config.targets == ["query", "value"]
 
 

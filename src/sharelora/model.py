@@ -82,7 +82,10 @@ class PersonalizedRewardModel(nn.Module):
         )
         params = dict(backbone.named_parameters())
         for name in self.trainable_backbone_names:
-            params[name].requires_grad_(True)
+            # The head's scalar output bias cancels in r(y+) - r(y-): the loss cannot see it,
+            # and Adam would turn its rounding-noise gradient into drift. It stays as loaded.
+            is_offset = name.endswith("bias") and params[name].numel() == 1
+            params[name].requires_grad_(not is_offset)
         for layer in self.adapter_layers.values():
             for p in layer.parameters(recurse=False):
                 p.requires_grad_(True)

@@ -198,7 +198,11 @@ def _train(model, train_data, val_data, cfg: TrainConfig, output_dir, resume, pr
         raise ValueError(f"training users not in the model: {', '.join(unknown[:5])}")
     set_seed(cfg.seed)
     model.max_length = cfg.max_length
+    on_cpu = not torch.cuda.is_available() and not torch.backends.mps.is_available()
     acc = Accelerator(
+        # Without cpu=True, processes started by a launcher on a GPU-less machine each train
+        # alone instead of forming one gloo group.
+        cpu=on_cpu,
         gradient_accumulation_steps=cfg.grad_accum,
         mixed_precision="bf16" if torch.cuda.is_available() else "no",
         dataloader_config=DataLoaderConfiguration(split_batches=True),
@@ -352,6 +356,7 @@ def _finish(model, run, cfg, out, acc, progress, evaluate_val) -> dict:
         "val_pairs": len(run.val) if run.val else 0,
         "truncated_texts": run.truncated,
         "steps": progress["global_step"],
+        "processes": acc.num_processes,
         "seconds": round(progress["seconds"], 1),
         "best_val_macro_accuracy": progress["best"],
         "parameters": model.parameter_report(),
