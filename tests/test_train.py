@@ -117,3 +117,27 @@ def test_nan_loss_stops_with_step(tiny_text_backbone, monkeypatch):
 def test_train_config_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(**kwargs)
+
+
+@pytest.mark.parametrize("sparse_users", ["off", "on"])
+def test_user_reg_pulls_users_toward_their_mean(tiny_text_backbone, sparse_users):
+    def spread(model):
+        return sum(float((t - t.mean(0)).pow(2).sum().detach()) for t in model.user_parameters())
+
+    spreads = []
+    for user_reg in (0.0, 10.0):
+        model = _model(tiny_text_backbone, user_init="independent")
+        cfg = TrainConfig(
+            epochs=2,
+            lr=5e-3,
+            batch_size=8,
+            progress=False,
+            max_length=32,
+            user_reg=user_reg,
+            sparse_users=sparse_users,
+        )
+        train(model, opposite_tastes(16), None, cfg)
+        spreads.append(spread(model))
+    assert spreads[1] < 0.75 * spreads[0], spreads  # Adam moves each coordinate <= lr a step
+    with pytest.raises(ValueError, match="user_reg must be >= 0"):
+        TrainConfig(user_reg=-1.0)

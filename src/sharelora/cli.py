@@ -92,6 +92,7 @@ def _add_train(p: argparse.ArgumentParser) -> None:
         ("eval_every", int),
         ("seed", int),
         ("max_length", int),
+        ("user_reg", float),
     ):
         g.add_argument("--" + name.replace("_", "-"), type=type_, default=getattr(defaults, name))
     g.add_argument("--schedule", choices=("linear", "cosine", "constant"), default="linear")

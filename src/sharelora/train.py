@@ -51,6 +51,9 @@ class TrainConfig:
         sparse_users: row-sparse gradients and lazy Adam for user tables (``auto``: from
             ``optim.SPARSE_USERS_THRESHOLD`` users, single process only).
         progress: show tqdm bars.
+        user_reg: strength of an L2 pull of each batch user's per-user factors toward the mean
+            over all users (0: off). It lets users who agree fall back toward the population;
+            it costs one pass over the user tables per step.
     """
 
     epochs: int = 3
@@ -69,6 +72,7 @@ class TrainConfig:
     group_by_length: bool = False
     cache_prefix: bool = True
     sparse_users: str = "auto"
+    user_reg: float = 0.0
     progress: bool = True
 
     def __post_init__(self):
@@ -96,8 +100,8 @@ class TrainConfig:
                 f"warmup_epochs ({self.warmup_epochs}) must be >= 0 and below epochs "
                 f"({self.epochs}) so that the personal stage runs"
             )
-        if self.eval_every < 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
-            raise ValueError("eval_every, weight_decay and max_grad_norm must be >= 0")
+        if min(self.eval_every, self.weight_decay, self.max_grad_norm, self.user_reg) < 0:
+            raise ValueError("eval_every, weight_decay, max_grad_norm and user_reg must be >= 0")
 
 
 class _Run:
@@ -149,6 +153,18 @@ def _loader_generator() -> torch.Generator:
     # A DataLoader seeds its iterator from the global RNG unless given its own generator; that
     # draw would shift the dropout stream after a resume. Our order is already fixed.
     return torch.Generator().manual_seed(0)
+
+
+def user_pull(model, user_ids: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch's distinct users of ``|row_u − mean row|²``, summed over every user
+    table; the mean is over all users and carries no gradient."""
+    users = user_ids.unique()
+    total = torch.zeros((), device=user_ids.device)
+    for layer in model.adapter_layers.values():
+        for table in layer.user_parameters.values():
+            rows = layer._rows(table, users)  # [k, ...], row-sparse gradient when enabled
+            total = total + (rows - table.detach().mean(0)).pow(2).sum()
+    return total / len(users)
 
 
 def _broadcast_first_user(model, optimizer) -> None:
@@ -298,6 +314,8 @@ def _train(model, train_data, val_data, cfg: TrainConfig, output_dir, resume, pr
             with acc.accumulate(wrapped):
                 losses = bt_loss(run.rewards(wrapped, run.train, batch))
                 loss = losses.mean()
+                if cfg.user_reg and epoch >= cfg.warmup_epochs:
+                    loss = loss + cfg.user_reg * user_pull(model, batch["user_ids"])
                 if not torch.isfinite(loss):
                     raise TrainingError(
                         f"loss is {loss.item()} at epoch {epoch + 1} step {progress['step'] + 1}; "
