@@ -344,3 +344,17 @@ def test_compare_fewshot_curves_for_held_out_users(tiny_text_backbone, tmp_path,
         )
         == 2
     )
+
+
+def test_method_variants():
+    from sharelora.compare import method_config
+    from sharelora.train import TrainConfig
+
+    base, cfg = method_config("sharelora+warmup", TrainConfig(epochs=3))
+    assert (base, cfg.warmup_epochs, cfg.epochs) == ("sharelora", 1, 3)
+    assert method_config("core", TrainConfig())[1] == TrainConfig()
+    with pytest.raises(ValueError, match="unknown method variant 'twice'"):
+        method_config("core+twice", TrainConfig())
+    assert (
+        main(["compare", "--data", "builtin:demo", "--methods", "core+twice", "--output", "x"]) == 2
+    )

@@ -204,13 +204,18 @@ def cmd_export(args) -> None:
 
 def cmd_compare(args) -> None:
     from .adapters import METHODS
-    from .compare import compare
+    from .compare import VARIANTS, compare
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in METHODS]
+    bad = [
+        m
+        for m in methods
+        if m.partition("+")[0] not in METHODS or m.partition("+")[2] not in ("", *VARIANTS)
+    ]
     if bad or not methods:
         raise UsageError(
-            f"--methods: unknown {', '.join(bad) or '(none)'}; choose from {', '.join(METHODS)}"
+            f"--methods: unknown {', '.join(bad) or '(none)'}; choose from {', '.join(METHODS)}, "
+            "each optionally with +warmup"
         )
     adapter, cfg = _adapter_config(args), _train_config(args)
     splits = _split(args, _read(args))
@@ -219,7 +224,7 @@ def cmd_compare(args) -> None:
         raise UsageError(
             "--shots needs --holdout-users K and both shared and sharelora in --methods"
         )
-    results = compare(splits, methods, adapter, cfg, args.backbone, args.output, log=_log)
+    results, _ = compare(splits, methods, adapter, cfg, args.backbone, args.output, log=_log)
     print((Path(args.output) / "report.md").read_text())
     if shots:
         from .fewshot import fewshot_curves

@@ -16,6 +16,18 @@ from .model import PersonalizedRewardModel
 from .report import accuracy_table, plot_accuracy
 from .train import TrainConfig, train
 
+VARIANTS = {"warmup": {"warmup_epochs": 1}}
+
+
+def method_config(name: str, config: TrainConfig) -> tuple[str, TrainConfig]:
+    """``"sharelora+warmup"`` -> (``"sharelora"``, the config with its variant applied)."""
+    base, _, variant = name.partition("+")
+    if variant and variant not in VARIANTS:
+        raise ValueError(
+            f"unknown method variant {variant!r} in {name!r}; known: {', '.join(VARIANTS)}"
+        )
+    return base, replace(config, **VARIANTS.get(variant, {}))
+
 
 def compare(
     splits: Splits,
@@ -25,13 +37,16 @@ def compare(
     backbone: str,
     output_dir: str | Path,
     log=print,
-) -> dict[str, dict]:
+    prefix_cache=None,
+) -> tuple[dict[str, dict], object]:
     """For each method: train on ``splits.train`` (validation: ``splits.val``), evaluate on
     ``splits.test``; writes ``METHOD/`` (model + ``metrics.json``), ``report.md``,
     ``accuracy.png``, ``split.json`` and ``summary.json`` under ``output_dir``.
 
-    Every method starts from the same seed; with ``adapter.top_layers`` they share one cache of
-    the frozen blocks.
+    A method may carry a variant: ``sharelora+warmup`` is sharelora trained with the reference
+    two-stage recipe (one shared warm-up epoch). Every method starts from the same seed; with
+    ``adapter.top_layers`` they share one cache of the frozen blocks, which is returned with
+    the per-method metrics so that further calls on the same backbone can reuse it.
     """
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -39,14 +54,15 @@ def compare(
     test = splits.test or splits.val
     if not test:
         raise ValueError("nothing to evaluate on: the split has no test or validation rows")
-    results, timings, cache = {}, {}, None
+    results, timings, cache = {}, {}, prefix_cache
     for method in methods:
         started = time.time()
-        torch.manual_seed(config.seed)
+        base, cfg = method_config(method, config)
+        torch.manual_seed(cfg.seed)
         model = PersonalizedRewardModel.from_backbone(
-            backbone, splits.users, replace(adapter, method=method), max_length=config.max_length
+            backbone, splits.users, replace(adapter, method=base), max_length=cfg.max_length
         )
-        run = train(model, splits.train, splits.val, config, out / method, prefix_cache=cache)
+        run = train(model, splits.train, splits.val, cfg, out / method, prefix_cache=cache)
         cache = run["prefix_cache"]
         metrics = evaluate(
             model,
@@ -78,4 +94,4 @@ def compare(
             "micro_accuracy": {m: r["micro_accuracy"] for m, r in results.items()},
         },
     )
-    return results
+    return results, cache

@@ -1,0 +1,164 @@
+"""Real per-worker preferences (UKPConvArg1): every method against per-user sample size n.
+
+Protocol (shared/data/ukp-convarg1/README.md): the K workers with the most judgements; split
+by pair_id (test 20%, and a validation 10% carved from the rest for checkpoint selection, the
+same way for every method); the first n of each worker's training comparisons after a seeded
+shuffle; macro and micro test accuracy, mean ± sd over seeds. MiniLM, adapters in the top
+block with the frozen blocks cached (``--top-layers``), one cache per (K, seed) shared by every
+method and n.
+
+Runs in sections and resumes: every finished cell (K, n, seed, method) is stored in the JSON
+and skipped on the next run.
+
+    python benchmarks/real_ukp.py [--quick] [--k 20,5] [--n 25,50,100,all] [--seeds 0,1,2]
+                                  [--methods ...] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from sharelora import DEFAULT_BACKBONE, AdapterConfig
+from sharelora.compare import compare
+from sharelora.data import Columns, SplitConfig, read_preferences, split_per_user
+from sharelora.train import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "ukp-convarg1" / "pairs.jsonl.gz"
+METHODS = "shared,independent,sharelora,sharelora-b,core,diag,sharelora+warmup"
+
+
+def args_():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="K=5, n=25,50, one seed, 3 methods")
+    p.add_argument("--data", default=str(DATA))
+    p.add_argument("--k", default="20,5")
+    p.add_argument("--n", default="25,50,100,all")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--methods", default=METHODS)
+    p.add_argument("--top-layers", type=int, default=1)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "real_ukp.json"))
+    args = p.parse_args()
+    if args.quick:
+        args.k, args.n, args.seeds, args.methods = "5", "25,50", "0", "shared,independent,sharelora"
+    return args
+
+
+def cell_key(k, n, seed, method) -> str:
+    return f"K={k} n={n} seed={seed} {method}"
+
+
+def run(args) -> dict:
+    path = Path(args.json)
+    settings = {
+        "epochs": args.epochs,
+        "lr": args.lr,
+        "max_length": args.max_length,
+        "top_layers": args.top_layers,
+    }
+    store = json.loads(path.read_text()) if path.exists() else {"cells": {}, "settings": settings}
+    if store.get("settings") != settings:
+        raise SystemExit(
+            f"{path} holds cells run with {store.get('settings')}; these are "
+            f"{settings}: pass another --json to keep them apart"
+        )
+    data, report = read_preferences(args.data, Columns(group="pair_id"), on_bad_rows="skip")
+    print(report.summary(), flush=True)
+    methods = args.methods.split(",")
+    adapter = AdapterConfig(
+        rank=8, alpha=16, targets=["query", "value"], top_layers=args.top_layers
+    )
+    for k in map(int, args.k.split(",")):
+        for seed in map(int, args.seeds.split(",")):
+            cache = None
+            for n in args.n.split(","):
+                todo = [m for m in methods if cell_key(k, n, seed, m) not in store["cells"]]
+                if not todo:
+                    continue
+                cap = None if n == "all" else int(n)
+                splits = split_per_user(
+                    data, SplitConfig(val=0.1, test=0.2, seed=seed, top_users=k, max_per_user=cap)
+                )
+                cfg = TrainConfig(
+                    epochs=args.epochs,
+                    lr=args.lr,
+                    max_length=args.max_length,
+                    seed=seed,
+                    progress=False,
+                )
+                started = time.time()
+                with tempfile.TemporaryDirectory() as tmp:
+                    results, cache = compare(
+                        splits,
+                        todo,
+                        adapter,
+                        cfg,
+                        DEFAULT_BACKBONE,
+                        tmp,
+                        log=lambda m, tag=f"K={k} n={n} seed={seed}": print(
+                            f"{tag} {m}", flush=True
+                        ),
+                        prefix_cache=cache,
+                    )
+                for method, metrics in results.items():
+                    store["cells"][cell_key(k, n, seed, method)] = {
+                        "K": k,
+                        "n": n,
+                        "seed": seed,
+                        "method": method,
+                        "macro_accuracy": metrics["macro_accuracy"],
+                        "micro_accuracy": metrics["micro_accuracy"],
+                        "users": {u: v["accuracy"] for u, v in metrics["users"].items()},
+                        "train_pairs": len(splits.train),
+                        "test_pairs": metrics["n"],
+                        "seconds": round((time.time() - started) / len(todo), 1),
+                    }
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps(store, indent=1))
+    return store
+
+
+def table(store: dict, methods: list[str]) -> str:
+    """Methods × n per K: macro accuracy mean ± sd over seeds."""
+    cells = list(store["cells"].values())
+    lines = []
+    for k in sorted({c["K"] for c in cells}, reverse=True):
+        ns = sorted(
+            {c["n"] for c in cells if c["K"] == k},
+            key=lambda n: float("inf") if n == "all" else int(n),
+        )
+        lines += [
+            f"K = {k} workers: macro test accuracy, mean ± sd over seeds",
+            "",
+            "| method | " + " | ".join(f"n={n}" for n in ns) + " |",
+            "|---|" + "---:|" * len(ns),
+        ]
+        for method in methods:
+            row = []
+            for n in ns:
+                accs = [
+                    c["macro_accuracy"]
+                    for c in cells
+                    if (c["K"], c["n"], c["method"]) == (k, n, method)
+                ]
+                sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
+                row.append(f"{statistics.mean(accs):.3f} ± {sd:.3f} ({len(accs)})" if accs else "—")
+            lines.append(f"| {method} | " + " | ".join(row) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    args = args_()
+    started = time.time()
+    store = run(args)
+    print(table(store, args.methods.split(",")))
+    print(f"finished in {time.time() - started:.0f}s; cells in {args.json}")
