@@ -8,6 +8,8 @@ from collections import defaultdict
 import torch
 import torch.nn.functional as F
 
+from .data import PairDataset, PairTokenizer
+from .prefix import PrefixCache
 from .users import UnknownUserError
 
 
@@ -20,6 +22,45 @@ def pair_rewards(model, batch: dict, cache=None, indices=None) -> torch.Tensor:
     hidden = cache.batch(indices, inputs["attention_mask"])
     with cache.use(hidden):
         return model(**inputs)
+
+
+class PairRun:
+    """Pair datasets, the prefix cache and its per-row indices, shared by training and
+    evaluation passes over the same model."""
+
+    def __init__(
+        self,
+        model,
+        train_data,
+        val_data,
+        max_length: int,
+        cache: PrefixCache | None,
+        progress: bool = True,
+    ):
+        encoder = PairTokenizer(model.tokenizer, max_length)
+        self.train = PairDataset(train_data, model.users, encoder) if train_data else None
+        self.val = PairDataset(val_data, model.users, encoder) if val_data else None
+        self.cache = cache
+        self.index: dict[int, tuple[list[int], list[int]]] = {}
+        if cache is not None:
+
+            def pad_rows(rows):
+                return encoder.tokenizer.pad(rows, return_tensors="pt")
+
+            for ds in filter(None, (self.train, self.val)):
+                chosen = cache.add(ds.chosen, pad_rows, progress=progress)
+                rejected = cache.add(ds.rejected, pad_rows, progress=progress)
+                self.index[id(ds)] = (chosen, rejected)
+        self.truncated = encoder.truncated
+
+    def rewards(self, model, ds, batch):
+        if self.cache is None:
+            return pair_rewards(model, batch)
+        chosen, rejected = self.index[id(ds)]
+        pos = batch["index"].tolist()
+        return pair_rewards(
+            model, batch, self.cache, [chosen[i] for i in pos] + [rejected[i] for i in pos]
+        )
 
 
 def bt_loss(rewards: torch.Tensor) -> torch.Tensor:
@@ -112,9 +153,6 @@ def evaluate(
     """
     from dataclasses import replace
 
-    from .prefix import PrefixCache
-    from .train import _Run
-
     rows = data
     if model.adapter_config.personalized:
         unknown = sorted({c.user for c in data} - set(model.users))
@@ -127,6 +165,6 @@ def evaluate(
     cache = None
     if prefix_cache is not None and model.adapter_config.top_layers:
         cache = PrefixCache(model, store=prefix_cache)
-    run = _Run(model, None, rows, model.max_length, cache, progress=False)
+    run = PairRun(model, None, rows, model.max_length, cache, progress=False)
     margins = predict_margins(model, run.val, batch_size, rewards_fn=run.rewards)
     return summarize([c.user for c in data], margins, model.adapter_config.method, split, seed)

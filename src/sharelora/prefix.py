@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from .data.collate import feature_rows
 from .inject import block_of, transformer_blocks
 
 
@@ -108,10 +109,7 @@ class PrefixCache:
     ) -> list[int]:
         """Cache the texts of ``features`` (token lists, as ``PairTokenizer`` gives them) that
         are not cached yet; returns each row's index into ``states``."""
-        rows = [
-            dict(zip(features, values, strict=True))
-            for values in zip(*features.values(), strict=True)
-        ]
+        rows = feature_rows(features)
         keys = [tuple(r["input_ids"]) for r in rows]
         todo = sorted(
             {k: i for i, k in enumerate(keys) if k not in self._index}.values(),

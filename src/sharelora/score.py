@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .data.collate import PairTokenizer
+from .data.collate import PairTokenizer, feature_rows
 
 
 @torch.no_grad()
@@ -51,10 +51,7 @@ def score_texts(
         for start in range(0, len(responses), batch_size):
             stop = start + batch_size
             features = encoder(prompts[start:stop], responses[start:stop])
-            rows = [
-                dict(zip(features, v, strict=True)) for v in zip(*features.values(), strict=True)
-            ]
-            batch = model.tokenizer.pad(rows, return_tensors="pt").to(device)
+            batch = model.tokenizer.pad(feature_rows(features), return_tensors="pt").to(device)
             user_ids = ids[start:stop].to(device) if ids is not None else None
             rewards.extend(model(**batch, user_ids=user_ids).tolist())
     finally:

@@ -17,8 +17,8 @@ from tqdm.auto import tqdm
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from .checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
-from .data import Comparison, PairDataset, PairTokenizer
-from .evaluate import bt_loss, pair_rewards, predict_margins, summarize
+from .data import Comparison, PairDataset
+from .evaluate import PairRun, bt_loss, predict_margins, summarize
 from .files import OutputLock, write_json
 from .optim import SCHEDULES, SPARSE_USERS, build_optimizer, build_scheduler, clip_grad_norm_
 from .prefix import PrefixCache
@@ -102,44 +102,6 @@ class TrainConfig:
             )
         if min(self.eval_every, self.weight_decay, self.max_grad_norm, self.user_reg) < 0:
             raise ValueError("eval_every, weight_decay, max_grad_norm and user_reg must be >= 0")
-
-
-class _Run:
-    """Datasets, prefix cache and index lookups shared by the training and evaluation passes."""
-
-    def __init__(
-        self,
-        model,
-        train_data,
-        val_data,
-        max_length: int,
-        cache: PrefixCache | None,
-        progress: bool = True,
-    ):
-        encoder = PairTokenizer(model.tokenizer, max_length)
-        self.train = PairDataset(train_data, model.users, encoder) if train_data else None
-        self.val = PairDataset(val_data, model.users, encoder) if val_data else None
-        self.cache = cache
-        self.index: dict[int, tuple[list[int], list[int]]] = {}
-        if cache is not None:
-
-            def pad_rows(rows):
-                return encoder.tokenizer.pad(rows, return_tensors="pt")
-
-            for ds in filter(None, (self.train, self.val)):
-                chosen = cache.add(ds.chosen, pad_rows, progress=progress)
-                rejected = cache.add(ds.rejected, pad_rows, progress=progress)
-                self.index[id(ds)] = (chosen, rejected)
-        self.truncated = encoder.truncated
-
-    def rewards(self, model, ds, batch):
-        if self.cache is None:
-            return pair_rewards(model, batch)
-        chosen, rejected = self.index[id(ds)]
-        pos = batch["index"].tolist()
-        return pair_rewards(
-            model, batch, self.cache, [chosen[i] for i in pos] + [rejected[i] for i in pos]
-        )
 
 
 def _order(ds: PairDataset, cfg: TrainConfig, epoch: int) -> list[int]:
@@ -232,7 +194,7 @@ def _train(model, train_data, val_data, cfg: TrainConfig, output_dir, resume, pr
     if model.adapter_config.top_layers and cfg.cache_prefix:
         model.to(acc.device)
         cache = PrefixCache(model, store=prefix_cache)
-    run = _Run(model, train_data, val_data, cfg.max_length, cache, cfg.progress)
+    run = PairRun(model, train_data, val_data, cfg.max_length, cache, cfg.progress)
     batches = math.ceil(len(run.train) / cfg.batch_size)
     total_steps = cfg.epochs * math.ceil(batches / cfg.grad_accum)
     sparse = cfg.sparse_users

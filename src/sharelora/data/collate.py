@@ -16,6 +16,13 @@ from ..users import UserVocab
 from .read import Comparison
 
 
+def feature_rows(features: dict[str, list]) -> list[dict]:
+    """Column lists (as a tokenizer returns them) -> one dict per row (as ``pad`` takes them)."""
+    return [
+        dict(zip(features, values, strict=True)) for values in zip(*features.values(), strict=True)
+    ]
+
+
 class PairTokenizer:
     """Encodes ``(prompt, response)`` within ``max_length`` tokens, counting truncations.
 
