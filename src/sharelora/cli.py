@@ -97,6 +97,13 @@ def _add_train(p: argparse.ArgumentParser) -> None:
         g.add_argument("--" + name.replace("_", "-"), type=type_, default=getattr(defaults, name))
     g.add_argument("--schedule", choices=("linear", "cosine", "constant"), default="linear")
     g.add_argument(
+        "--strength",
+        type=_strength,
+        default="auto",
+        help="personalization strength in [0,1] toward the population model, or auto: "
+        "chosen on validation loss (default)",
+    )
+    g.add_argument(
         "--sparse-users",
         choices=("auto", "on", "off"),
         default="auto",
@@ -121,10 +128,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(p), _add_split(p), _add_model(p), _add_train(p)
     p.add_argument("--output", required=True)
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoints/last")
+    p.add_argument(
+        "--init-from",
+        metavar="DIR",
+        help="start every user from this trained shared model (the population model)",
+    )
 
     p = sub.add_parser("compare", help="train several methods on one split; report and plot")
     _add_data(p), _add_split(p), _add_model(p), _add_train(p)
     p.add_argument("--methods", default="shared,independent,sharelora")
+    p.add_argument(
+        "--from-shared",
+        action="store_true",
+        help="train shared first and start every personalized method from it",
+    )
     p.add_argument(
         "--shots",
         help="with --holdout-users: few-shot curves at these k, e.g. "
@@ -277,6 +294,10 @@ def _adapter_config(args) -> AdapterConfig:
         user_init=args.user_init,
         top_layers=args.top_layers,
     )
+
+
+def _strength(text: str) -> float | str:
+    return text if text == "auto" else float(text)
 
 
 def _train_config(args) -> TrainConfig:

@@ -215,7 +215,7 @@ def cmd_compare(args) -> None:
     if bad or not methods:
         raise UsageError(
             f"--methods: unknown {', '.join(bad) or '(none)'}; choose from {', '.join(METHODS)}, "
-            "each optionally with +warmup"
+            "each optionally with +warmup or +from-shared"
         )
     adapter, cfg = _adapter_config(args), _train_config(args)
     splits = _split(args, _read(args))
@@ -224,7 +224,16 @@ def cmd_compare(args) -> None:
         raise UsageError(
             "--shots needs --holdout-users K and both shared and sharelora in --methods"
         )
-    results, _ = compare(splits, methods, adapter, cfg, args.backbone, args.output, log=_log)
+    results, _ = compare(
+        splits,
+        methods,
+        adapter,
+        cfg,
+        args.backbone,
+        args.output,
+        log=_log,
+        from_shared=args.from_shared,
+    )
     print((Path(args.output) / "report.md").read_text())
     if shots:
         from .fewshot import fewshot_curves

@@ -16,7 +16,8 @@ from .model import PersonalizedRewardModel
 from .report import accuracy_table, plot_accuracy
 from .train import TrainConfig, train
 
-VARIANTS = {"warmup": {"warmup_epochs": 1}}
+# "from-shared" sets init_from to this run's shared model (see compare).
+VARIANTS = {"warmup": {"warmup_epochs": 1}, "from-shared": {}}
 
 
 def method_config(name: str, config: TrainConfig) -> tuple[str, TrainConfig]:
@@ -38,6 +39,7 @@ def compare(
     output_dir: str | Path,
     log=print,
     prefix_cache=None,
+    from_shared: bool = False,
 ) -> tuple[dict[str, dict], object]:
     """For each method: train on ``splits.train`` (validation: ``splits.val``), evaluate on
     ``splits.test``; writes ``METHOD/`` (model + ``metrics.json``), ``report.md``,
@@ -47,6 +49,12 @@ def compare(
     two-stage recipe (one shared warm-up epoch). Every method starts from the same seed; with
     ``adapter.top_layers`` they share one cache of the frozen blocks, which is returned with
     the per-method metrics so that further calls on the same backbone can reuse it.
+
+    A ``+from-shared`` method starts from this run's ``shared`` model (``TrainConfig.init_from``)
+    so that its personalization strength is chosen between the shared model and the personal
+    one; ``shared+from-shared`` is the control that trains as long without personalizing.
+    ``from_shared`` does this for every personalized method without ``+warmup`` (which keeps its
+    own warm-up). ``shared`` then trains first.
     """
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -54,10 +62,24 @@ def compare(
     test = splits.test or splits.val
     if not test:
         raise ValueError("nothing to evaluate on: the split has no test or validation rows")
+
+    def starts_from_shared(method: str) -> bool:
+        base, _, variant = method.partition("+")
+        return variant == "from-shared" or (from_shared and base != "shared" and not variant)
+
+    if any(map(starts_from_shared, methods)):
+        if "shared" not in methods:
+            raise ValueError(
+                "starting from the shared model (from_shared, +from-shared) needs 'shared' "
+                "among the methods: it trains first"
+            )
+        methods = ["shared"] + [m for m in methods if m != "shared"]
     results, timings, cache = {}, {}, prefix_cache
     for method in methods:
         started = time.time()
         base, cfg = method_config(method, config)
+        if starts_from_shared(method):
+            cfg = replace(cfg, init_from=str(out / "shared"))
         torch.manual_seed(cfg.seed)
         model = PersonalizedRewardModel.from_backbone(
             backbone, splits.users, replace(adapter, method=base), max_length=cfg.max_length
@@ -71,6 +93,7 @@ def compare(
             seed=config.seed,
             prefix_cache=cache,
         )
+        metrics["strength"] = run["summary"]["strength"]
         write_json(out / method / "metrics.json", metrics)
         results[method] = metrics
         timings[method] = round(time.time() - started, 1)
@@ -92,6 +115,7 @@ def compare(
             "seconds": timings,
             "macro_accuracy": {m: r["macro_accuracy"] for m, r in results.items()},
             "micro_accuracy": {m: r["micro_accuracy"] for m, r in results.items()},
+            "strength": {m: r["strength"] for m, r in results.items()},
         },
     )
     return results, cache

@@ -130,6 +130,37 @@ class PersonalizedRewardModel(nn.Module):
             self.router.num_users = self.num_users
         return ids
 
+    @torch.no_grad()
+    def start_from(self, shared: PersonalizedRewardModel) -> None:
+        """Start every user at a trained ``shared`` model: each per-user table gets the shared
+        factor in every row (a core ``C_u`` or ``d_u`` is reset to the identity) and the head
+        is copied, so this model scores every user exactly as ``shared`` does. Personal
+        training then moves on from the population model instead of from zero."""
+        if shared.adapter_config.method != "shared":
+            raise ValueError(
+                f"start_from needs a model trained with method 'shared', got "
+                f"{shared.adapter_config.method!r}"
+            )
+        source, target = shared.trainable_state_dict(), self.trainable_state_dict()
+        for name, layer in self.adapter_layers.items():
+            factors = {"A": f"{name}.lora_A", "B": f"{name}.lora_B"}
+            for key, src_name in factors.items():
+                table = getattr(layer, f"user_{key}", None)
+                dest = table if table is not None else getattr(layer, f"lora_{key}")
+                src = source.get(src_name)
+                if src is None or src.shape != dest.shape[-src.dim() :]:
+                    raise ValueError(
+                        f"the shared model does not match this one at {src_name} (same backbone, "
+                        "rank, targets and top_layers are needed)"
+                    )
+                dest.copy_(src.expand_as(dest))
+            if layer.core == "core":
+                layer.user_C.copy_(torch.eye(layer.rank).expand_as(layer.user_C))
+            elif layer.core == "diag":
+                layer.user_d.fill_(1.0)
+        for name in self.trainable_backbone_names:
+            target[name].copy_(source[name])
+
     # ------------------------------------------------------------------------------ forward
     def forward(
         self,

@@ -43,8 +43,14 @@ def onboard(
     for p in model.shared_parameters():
         p.requires_grad_(False)
     # The model's own token budget: another max_length would re-tokenize existing users.
+    # Strength 1: shrinking toward the population would move every existing user too.
     cfg = replace(
-        config or TrainConfig(), sparse_users="on", warmup_epochs=0, max_length=model.max_length
+        config or TrainConfig(),
+        sparse_users="on",
+        warmup_epochs=0,
+        init_from=None,
+        strength=1.0,
+        max_length=model.max_length,
     )
     return train(model, data, val_data, cfg, output_dir)
 

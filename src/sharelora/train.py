@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
+from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers.trainer_pt_utils import LengthGroupedSampler
@@ -43,6 +44,8 @@ class TrainConfig:
         warmup_epochs: the reference two-stage recipe: train these epochs as ``shared`` (all
             users routed to one row), then copy that row to every user and personalize.
         eval_every: evaluate on validation every this many optimizer steps (0: each epoch).
+        select_best: keep the checkpoint best on validation; ``False`` keeps the last one and
+            uses validation only to choose ``strength`` (fewer passes over validation).
         seed: seeds initialisation, data order and dropout.
         max_length: token budget for prompt + response.
         gradient_checkpointing: recompute activations in backward (less memory, slower).
@@ -54,6 +57,14 @@ class TrainConfig:
         user_reg: strength of an L2 pull of each batch user's per-user factors toward the mean
             over all users (0: off). It lets users who agree fall back toward the population;
             it costs one pass over the user tables per step.
+        init_from: directory of a trained ``shared`` model to start every user from
+            (``PersonalizedRewardModel.start_from``); that model is then the population model.
+        strength: personalization strength ``γ``: the trained weights become ``population +
+            γ (personal − population)``. ``"auto"`` picks γ from ``STRENGTHS`` by validation
+            loss (1 without validation data); a number in [0, 1] fixes it. The population is
+            the model personal training started from (``init_from`` or the end of the shared
+            warm-up), else every user table at its mean row. Where users agree, validation
+            chooses a small γ and the model falls back toward the population.
     """
 
     epochs: int = 3
@@ -66,6 +77,7 @@ class TrainConfig:
     schedule: str = "linear"
     warmup_epochs: int = 0
     eval_every: int = 0
+    select_best: bool = True
     seed: int = 0
     max_length: int = 256
     gradient_checkpointing: bool = False
@@ -73,6 +85,8 @@ class TrainConfig:
     cache_prefix: bool = True
     sparse_users: str = "auto"
     user_reg: float = 0.0
+    init_from: str | None = None
+    strength: float | str = "auto"
     progress: bool = True
 
     def __post_init__(self):
@@ -99,6 +113,15 @@ class TrainConfig:
             raise ValueError(
                 f"warmup_epochs ({self.warmup_epochs}) must be >= 0 and below epochs "
                 f"({self.epochs}) so that the personal stage runs"
+            )
+        if self.strength != "auto" and not (
+            isinstance(self.strength, (int, float))
+            and not isinstance(self.strength, bool)
+            and 0 <= self.strength <= 1
+        ):
+            raise ValueError(
+                f"strength must be 'auto' or a number in [0, 1] (1: fully personal, 0: the "
+                f"population model), got {self.strength!r}"
             )
         if min(self.eval_every, self.weight_decay, self.max_grad_norm, self.user_reg) < 0:
             raise ValueError("eval_every, weight_decay, max_grad_norm and user_reg must be >= 0")
@@ -135,6 +158,31 @@ def _broadcast_first_user(model, optimizer) -> None:
         for table in model.user_parameters():
             table.copy_(table[0:1].expand_as(table))
             optimizer.state.pop(table, None)
+
+
+STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def _snapshot(model) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.trainable_state_dict().items()}
+
+
+def _population(model, start: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """The population model's tensors: ``start`` when personal training began from one, else
+    the current tensors with every per-user table at its mean row."""
+    if start is not None:
+        return start
+    population = _snapshot(model)
+    for name, layer in model.adapter_layers.items():
+        for pname, table in layer.user_parameters.items():
+            population[f"{name}.{pname}"] = table.detach().mean(0, keepdim=True).expand_as(table)
+    return population
+
+
+@torch.no_grad()
+def _set_strength(model, population: dict, personal: dict, strength: float) -> None:
+    for name, tensor in model.trainable_state_dict().items():
+        tensor.copy_(torch.lerp(population[name], personal[name], strength))
 
 
 def train(
@@ -190,6 +238,15 @@ def _train(model, train_data, val_data, cfg: TrainConfig, output_dir, resume, pr
         out.mkdir(parents=True, exist_ok=True)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    start = None  # the population model personal training starts from, when there is one
+    population_file = out / "checkpoints" / "population.safetensors" if out else None
+    if population_file and not resume and acc.is_main_process:
+        population_file.unlink(missing_ok=True)  # a previous run's
+    if cfg.init_from:
+        from .model import PersonalizedRewardModel
+
+        model.start_from(PersonalizedRewardModel.from_pretrained(cfg.init_from))
+        start = _snapshot(model)
     cache = None
     if model.adapter_config.top_layers and cfg.cache_prefix:
         model.to(acc.device)
@@ -215,6 +272,8 @@ def _train(model, train_data, val_data, cfg: TrainConfig, output_dir, resume, pr
                 "start without --resume"
             )
         progress = load_checkpoint(last, model, optimizer, scheduler)
+        if population_file is not None and population_file.exists():
+            start = load_file(population_file)
     log = (out / "train_log.jsonl").open("a") if out and acc.is_main_process else None
     started = time.time() - progress["seconds"]
 
@@ -239,18 +298,29 @@ def _train(model, train_data, val_data, cfg: TrainConfig, output_dir, resume, pr
             )
         return metrics
 
+    best_metrics = {}
+
     def checkpoint(metrics):
         progress["seconds"] = time.time() - started
-        if out is None or not acc.is_main_process:
+        if out is None:
             return
+        # Every process keeps the metrics (they are gathered), so all skip re-evaluating.
         if metrics and (progress["best"] is None or metrics["macro_accuracy"] > progress["best"]):
             progress["best"] = metrics["macro_accuracy"]
-            save_checkpoint(out / "checkpoints" / "best", model, optimizer, scheduler, progress)
-        save_checkpoint(out / "checkpoints" / "last", model, optimizer, scheduler, progress)
+            best_metrics["val"] = metrics
+            if acc.is_main_process:
+                save_checkpoint(out / "checkpoints" / "best", model, optimizer, scheduler, progress)
+        if acc.is_main_process:
+            save_checkpoint(out / "checkpoints" / "last", model, optimizer, scheduler, progress)
 
     for epoch in range(progress["epoch"], cfg.epochs):
         if cfg.warmup_epochs and epoch == cfg.warmup_epochs and progress["step"] == 0:
             _broadcast_first_user(model, optimizer.optimizer)
+            start = _snapshot(model)
+        keep = start is not None and population_file and acc.is_main_process
+        if keep and not population_file.exists():  # for --resume
+            population_file.parent.mkdir(parents=True, exist_ok=True)
+            save_file(start, population_file)
         loader = acc.prepare(
             DataLoader(
                 run.train,
@@ -312,24 +382,42 @@ def _train(model, train_data, val_data, cfg: TrainConfig, output_dir, resume, pr
                 )
             if (
                 cfg.eval_every
+                and cfg.select_best
                 and acc.sync_gradients
                 and progress["global_step"] % cfg.eval_every == 0
             ):
                 checkpoint(evaluate_val(f"step {progress['global_step']}"))
                 wrapped.train()
         progress["epoch"], progress["step"] = epoch + 1, 0
-        checkpoint(None if cfg.eval_every else evaluate_val(f"epoch {epoch + 1}"))
-    result = _finish(model, run, cfg, out, acc, progress, evaluate_val)
+        per_epoch = cfg.select_best and not cfg.eval_every
+        checkpoint(evaluate_val(f"epoch {epoch + 1}") if per_epoch else None)
+    result = _finish(model, run, cfg, out, acc, progress, evaluate_val, start, best_metrics)
     if log:
         log.close()
     return result
 
 
-def _finish(model, run, cfg, out, acc, progress, evaluate_val) -> dict:
+def _finish(model, run, cfg, out, acc, progress, evaluate_val, start, best_metrics) -> dict:
     best = out / "checkpoints" / "best" / "model" / "adapters.safetensors" if out else None
-    if best is not None and best.exists():
+    loaded = best is not None and best.exists()
+    if loaded:
         model.load_trainable(best)
-    metrics = evaluate_val("final")
+    metrics = best_metrics.get("val") if loaded else None
+    metrics = metrics or evaluate_val("final")
+    strength, tried = 1.0, {}
+    if model.adapter_config.personalized and cfg.strength != 1:
+        personal, population = _snapshot(model), _population(model, start)
+        if cfg.strength != "auto":
+            strength = float(cfg.strength)
+        elif metrics:
+            tried[1.0] = metrics
+            for gamma in STRENGTHS[:-1]:
+                _set_strength(model, population, personal, gamma)
+                tried[gamma] = evaluate_val(f"strength {gamma}")
+            # Lowest validation loss; ties go to the more personal model.
+            strength = min(tried, key=lambda g: (tried[g]["loss"], -g))
+            metrics = tried[strength]
+        _set_strength(model, population, personal, strength)
     summary = {
         "config": asdict(cfg),
         "train_pairs": len(run.train),
@@ -339,6 +427,11 @@ def _finish(model, run, cfg, out, acc, progress, evaluate_val) -> dict:
         "processes": acc.num_processes,
         "seconds": round(progress["seconds"], 1),
         "best_val_macro_accuracy": progress["best"],
+        "strength": strength,
+        "strength_val": {
+            str(g): {"macro_accuracy": m["macro_accuracy"], "loss": m["loss"]}
+            for g, m in sorted(tried.items())
+        },
         "parameters": model.parameter_report(),
     }
     if out and acc.is_main_process:

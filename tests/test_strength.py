@@ -1,0 +1,163 @@
+"""Falling back toward the population: start from a shared model, personalization strength."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import opposite_tastes
+
+from sharelora import AdapterConfig, PersonalizedRewardModel
+from sharelora.compare import compare
+from sharelora.data import split_per_user
+from sharelora.train import STRENGTHS, TrainConfig, train
+
+PERSONAL = ["independent", "sharelora", "sharelora-b", "core", "diag"]
+USERS = ["sunny", "rainy"]
+
+
+def _model(path, method="sharelora", rank=4, **kw):
+    torch.manual_seed(0)
+    return PersonalizedRewardModel.from_backbone(
+        path, USERS, AdapterConfig(method=method, rank=rank, **kw), max_length=32
+    )
+
+
+def _cfg(**kw):
+    return TrainConfig(
+        **{"epochs": 2, "lr": 1e-2, "batch_size": 8, "progress": False, "max_length": 32, **kw}
+    )
+
+
+@pytest.fixture(scope="module")
+def shared_dir(tiny_text_backbone, tmp_path_factory):
+    """A trained shared model (non-zero B and head) on disk."""
+    out = tmp_path_factory.mktemp("shared")
+    train(_model(tiny_text_backbone, "shared"), opposite_tastes(12), None, _cfg(), out)
+    return out
+
+
+def _rewards(model, user_ids):
+    batch = model.tokenizer(
+        ["question 1? yes lamp book", "question 2? no tree river"],
+        return_tensors="pt",
+        padding=True,
+    )
+    model.eval()
+    with torch.no_grad():
+        return model(batch["input_ids"], batch["attention_mask"], user_ids=user_ids)
+
+
+@pytest.mark.parametrize("method", PERSONAL)
+def test_start_from_scores_every_user_like_the_shared_model(tiny_text_backbone, shared_dir, method):
+    shared = PersonalizedRewardModel.from_pretrained(shared_dir)
+    assert any(p.abs().sum() > 0 for n, p in shared.trainable_state_dict().items() if "B" in n)
+    model = _model(tiny_text_backbone, method, user_init="independent")
+    model.start_from(shared)
+    expected = _rewards(shared, torch.tensor([0, 0]))
+    for user in (0, 1):
+        got = _rewards(model, torch.tensor([user, user]))
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+def test_start_from_needs_a_matching_shared_model(tiny_text_backbone, shared_dir):
+    with pytest.raises(ValueError, match="needs a model trained with method 'shared'"):
+        _model(tiny_text_backbone).start_from(_model(tiny_text_backbone, "diag"))
+    shared = PersonalizedRewardModel.from_pretrained(shared_dir)
+    with pytest.raises(ValueError, match="does not match this one at .*lora_A"):
+        _model(tiny_text_backbone, rank=2).start_from(shared)
+
+
+@pytest.mark.parametrize("method", ["sharelora", "core"])
+def test_strength_interpolates_between_population_and_personal(
+    tiny_text_backbone, shared_dir, method
+):
+    data = opposite_tastes(12)
+    models = {}
+    for strength in (0.0, 0.5, 1.0):
+        models[strength] = _model(tiny_text_backbone, method)
+        train(models[strength], data, None, _cfg(init_from=str(shared_dir), strength=strength))
+    population = _model(tiny_text_backbone, method)
+    population.start_from(PersonalizedRewardModel.from_pretrained(shared_dir))
+    pop, half, full = (m.trainable_state_dict() for m in (population, models[0.5], models[1.0]))
+    zero = models[0.0].trainable_state_dict()
+    for name in pop:
+        torch.testing.assert_close(zero[name], pop[name], rtol=0, atol=0)
+        torch.testing.assert_close(half[name], torch.lerp(pop[name], full[name], 0.5))
+
+
+def test_strength_zero_without_a_start_gives_every_user_the_mean_rows(tiny_text_backbone):
+    personal = _model(tiny_text_backbone, user_init="independent")
+    train(personal, opposite_tastes(12), None, _cfg(strength=1.0))
+    shrunk = _model(tiny_text_backbone, user_init="independent")
+    train(shrunk, opposite_tastes(12), None, _cfg(strength=0.0))
+    for full, zero in zip(personal.user_parameters(), shrunk.user_parameters(), strict=True):
+        torch.testing.assert_close(zero, full.mean(0, keepdim=True).expand_as(full))
+
+
+def test_auto_strength_is_chosen_on_validation_loss(tiny_text_backbone, tmp_path):
+    data, val = opposite_tastes(16), opposite_tastes(8, seed=1)
+    model = _model(tiny_text_backbone)
+    result = train(model, data, val, _cfg(epochs=4), tmp_path)
+    tried = result["summary"]["strength_val"]
+    assert [float(g) for g in tried] == list(STRENGTHS)
+    best = min(tried, key=lambda g: (tried[g]["loss"], -float(g)))
+    assert result["summary"]["strength"] == float(best)
+    # These users disagree: the population (strength 0) cannot serve both.
+    assert result["summary"]["strength"] >= 0.5
+    assert tried["0.0"]["macro_accuracy"] < tried["1.0"]["macro_accuracy"]
+    saved = json.loads((tmp_path / "sharelora.json").read_text())["training"]
+    assert saved["strength"] == result["summary"]["strength"]
+    # The saved model is the chosen one.
+    again = PersonalizedRewardModel.from_pretrained(tmp_path)
+    a, b = model.trainable_state_dict(), again.trainable_state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("strength", [-0.1, 1.5, "high", True])
+def test_strength_validation(strength):
+    with pytest.raises(ValueError, match="strength must be 'auto' or a number in"):
+        TrainConfig(strength=strength)
+
+
+def test_compare_from_shared_at_strength_zero_equals_shared(tiny_text_backbone, tmp_path):
+    from sharelora.data import SplitConfig
+
+    splits = split_per_user(opposite_tastes(20), SplitConfig(val=0.2, test=0.2, seed=0))
+    adapter = AdapterConfig(rank=4)
+    results, _ = compare(
+        splits,
+        ["sharelora", "core", "shared"],
+        adapter,
+        _cfg(strength=0.0),
+        str(tiny_text_backbone),
+        tmp_path,
+        log=lambda m: None,
+        from_shared=True,
+    )
+    for method in ("sharelora", "core"):
+        assert results[method]["users"] == results["shared"]["users"]
+        assert results[method]["strength"] == 0.0
+    with pytest.raises(ValueError, match="needs 'shared' among the methods"):
+        compare(
+            splits,
+            ["sharelora"],
+            adapter,
+            _cfg(),
+            str(tiny_text_backbone),
+            tmp_path / "x",
+            log=lambda m: None,
+            from_shared=True,
+        )
+
+
+def test_select_best_off_uses_validation_only_for_strength(tiny_text_backbone, tmp_path):
+    cfg = _cfg(select_best=False)
+    result = train(
+        _model(tiny_text_backbone), opposite_tastes(8), opposite_tastes(4), cfg, tmp_path
+    )
+    log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    evals = [e["at"] for e in log if e["event"] == "eval"]
+    assert evals == ["final"] + [f"strength {g}" for g in STRENGTHS[:-1]]
+    assert result["summary"]["best_val_macro_accuracy"] is None
