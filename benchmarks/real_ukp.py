@@ -30,7 +30,7 @@ from sharelora.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "ukp-convarg1" / "pairs.jsonl.gz"
-METHODS = "shared,independent,sharelora,sharelora-b,core,diag,sharelora+warmup"
+METHODS = "shared,shared+from-shared,independent,sharelora,sharelora-b,core,diag,sharelora+warmup"
 
 
 def args_():
@@ -63,6 +63,9 @@ def run(args) -> dict:
         "lr": args.lr,
         "max_length": args.max_length,
         "top_layers": args.top_layers,
+        "from_shared": True,
+        "select_best": False,
+        "strength": "auto",
     }
     store = json.loads(path.read_text()) if path.exists() else {"cells": {}, "settings": settings}
     if store.get("settings") != settings:
@@ -83,6 +86,8 @@ def run(args) -> dict:
                 todo = [m for m in methods if cell_key(k, n, seed, m) not in store["cells"]]
                 if not todo:
                     continue
+                # Personalized methods start from this cell's shared model: train it again.
+                todo = ["shared"] + [m for m in todo if m != "shared"]
                 cap = None if n == "all" else int(n)
                 splits = split_per_user(
                     data, SplitConfig(val=0.1, test=0.2, seed=seed, top_users=k, max_per_user=cap)
@@ -92,6 +97,8 @@ def run(args) -> dict:
                     lr=args.lr,
                     max_length=args.max_length,
                     seed=seed,
+                    group_by_length=True,
+                    select_best=False,
                     progress=False,
                 )
                 started = time.time()
@@ -107,6 +114,7 @@ def run(args) -> dict:
                             f"{tag} {m}", flush=True
                         ),
                         prefix_cache=cache,
+                        from_shared=True,
                     )
                 for method, metrics in results.items():
                     store["cells"][cell_key(k, n, seed, method)] = {
@@ -116,6 +124,7 @@ def run(args) -> dict:
                         "method": method,
                         "macro_accuracy": metrics["macro_accuracy"],
                         "micro_accuracy": metrics["micro_accuracy"],
+                        "strength": metrics["strength"],
                         "users": {u: v["accuracy"] for u, v in metrics["users"].items()},
                         "train_pairs": len(splits.train),
                         "test_pairs": metrics["n"],
