@@ -12,16 +12,20 @@ and skipped on the next run.
 
     python benchmarks/real_ukp.py [--quick] [--k 20,5] [--n 25,50,100,all] [--seeds 0,1,2]
                                   [--methods ...] [--json FILE]
+
+It writes FILE (default benchmarks/results/real_ukp.json), FILE.md (tables) and FILE.png (plot);
+``ukp_report.py`` rebuilds the last two from the JSON alone.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
 import time
 from pathlib import Path
+
+from ukp_report import report
 
 from sharelora import DEFAULT_BACKBONE, AdapterConfig
 from sharelora.compare import compare
@@ -135,39 +139,10 @@ def run(args) -> dict:
     return store
 
 
-def table(store: dict, methods: list[str]) -> str:
-    """Methods × n per K: macro accuracy mean ± sd over seeds."""
-    cells = list(store["cells"].values())
-    lines = []
-    for k in sorted({c["K"] for c in cells}, reverse=True):
-        ns = sorted(
-            {c["n"] for c in cells if c["K"] == k},
-            key=lambda n: float("inf") if n == "all" else int(n),
-        )
-        lines += [
-            f"K = {k} workers: macro test accuracy, mean ± sd over seeds",
-            "",
-            "| method | " + " | ".join(f"n={n}" for n in ns) + " |",
-            "|---|" + "---:|" * len(ns),
-        ]
-        for method in methods:
-            row = []
-            for n in ns:
-                accs = [
-                    c["macro_accuracy"]
-                    for c in cells
-                    if (c["K"], c["n"], c["method"]) == (k, n, method)
-                ]
-                sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
-                row.append(f"{statistics.mean(accs):.3f} ± {sd:.3f} ({len(accs)})" if accs else "—")
-            lines.append(f"| {method} | " + " | ".join(row) + " |")
-        lines.append("")
-    return "\n".join(lines)
-
-
 if __name__ == "__main__":
     args = args_()
     started = time.time()
     store = run(args)
-    print(table(store, args.methods.split(",")))
-    print(f"finished in {time.time() - started:.0f}s; cells in {args.json}")
+    path = Path(args.json)
+    print(report(store, METHODS.split(","), path.with_suffix(".md"), path.with_suffix(".png")))
+    print(f"finished in {time.time() - started:.0f}s; cells in {path}, table in .md, plot in .png")

@@ -358,3 +358,21 @@ def test_method_variants():
     assert (
         main(["compare", "--data", "builtin:demo", "--methods", "core+twice", "--output", "x"]) == 2
     )
+
+
+def test_train_init_from_shared_at_strength_zero_is_the_shared_model(
+    tiny_text_backbone, data_file, tmp_path
+):
+    common = ["--data", data_file, "--backbone", tiny_text_backbone, "--test", "0.25", *TINY]
+    assert main(["train", "--method", "shared", "--output", str(tmp_path / "s"), *common]) == 0
+    argv = ["train", "--init-from", str(tmp_path / "s"), "--strength", "0", *common]
+    assert main([*argv, "--output", str(tmp_path / "p")]) == 0
+    shared, personal = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in "sp")
+    assert personal["users"] == shared["users"]
+    saved = json.loads((tmp_path / "p" / "sharelora.json").read_text())["training"]
+    assert saved["strength"] == 0.0 and saved["config"]["init_from"] == str(tmp_path / "s")
+
+
+def test_strength_flag_rejects_a_word(capsys):
+    assert main(["train", "--data", "builtin:demo", "--output", "x", "--strength", "max"]) == 2
+    assert "--strength" in capsys.readouterr().err

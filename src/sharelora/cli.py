@@ -22,6 +22,7 @@ DEMO = {
     "max_length": 128,
     "val": 0.1,
     "test": 0.25,
+    "from_shared": True,
 }
 DEMO_QUICK = {"top_users": 5, "max_per_user": 25}
 
@@ -108,6 +109,13 @@ def _add_train(p: argparse.ArgumentParser) -> None:
         choices=("auto", "on", "off"),
         default="auto",
         help="row-sparse user tables + lazy Adam (auto: from 256 users)",
+    )
+    g.add_argument(
+        "--select-best",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep the epoch best on validation (--no-select-best: the last one; validation "
+        "then only chooses --strength)",
     )
     g.add_argument("--gradient-checkpointing", action="store_true")
     g.add_argument("--group-by-length", action="store_true")

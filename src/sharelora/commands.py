@@ -259,7 +259,8 @@ def cmd_demo(args) -> None:
     settings = {**DEMO, **(DEMO_QUICK if args.quick else {})}
     argv = ["compare", "--data", "builtin:demo", "--output", args.output]
     for key, value in settings.items():
-        argv += ["--" + key.replace("_", "-"), str(value)]
+        flag = "--" + key.replace("_", "-")
+        argv += [flag] if value is True else [flag, str(value)]
     if args.no_progress:
         argv.append("--no-progress")
     started = time.time()
