@@ -19,6 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 HEADLINE = (20, "50")
 GRID = {"K": [20, 5], "n": ["25", "50", "100", "all"], "seeds": 3}
+ALL_PAIRS = {20: 15594, 5: 7647}  # training pairs at n=all, seed 0
 
 
 def _n_key(n: str) -> float:
@@ -39,49 +40,50 @@ def _mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f}{sd_text} ({len(values)})"
 
 
+def _grid_table(title: str, ns: list[str], methods: list[str], cell) -> list[str]:
+    """Markdown lines: one row per method whose ``cell(n, method)`` is not all "—"."""
+    lines = [
+        title,
+        "",
+        "| method | " + " | ".join(f"n={n}" for n in ns) + " |",
+        "|---|" + "---:|" * len(ns),
+    ]
+    for method in methods:
+        row = [cell(n, method) for n in ns]
+        if any(r != "—" for r in row):
+            lines.append(f"| {method} | " + " | ".join(row) + " |")
+    return lines + [""]
+
+
+def _accuracy(runs: list[dict], key: str) -> str:
+    return _mean_sd([c[key] for c in runs]) if runs else "—"
+
+
+def _strengths(runs: list[dict], method: str) -> str:
+    if not runs or method.partition("+")[0] == "shared":
+        return "—"
+    return ", ".join(f"{c['strength']:g}" for c in sorted(runs, key=lambda c: c["seed"]))
+
+
 def tables(cells: list[dict], methods: list[str]) -> str:
     groups = _groups(cells)
     lines = []
     for k in sorted({c["K"] for c in cells}, reverse=True):
         ns = sorted({c["n"] for c in cells if c["K"] == k}, key=_n_key)
-        for key, title in (
-            ("macro_accuracy", "macro test accuracy"),
-            ("micro_accuracy", "micro test accuracy"),
-        ):
-            lines += [
-                f"**K = {k} workers, {title}** (mean ± sd over seeds; runs in brackets)",
-                "",
-                "| method | " + " | ".join(f"n={n}" for n in ns) + " |",
-                "|---|" + "---:|" * len(ns),
-            ]
-            for method in methods:
-                row = [
-                    _mean_sd([c[key] for c in groups[(k, n, method)]])
-                    if groups.get((k, n, method))
-                    else "—"
-                    for n in ns
-                ]
-                if any(r != "—" for r in row):
-                    lines.append(f"| {method} | " + " | ".join(row) + " |")
-            lines.append("")
-        lines += [
+        for key in ("macro_accuracy", "micro_accuracy"):
+            lines += _grid_table(
+                f"**K = {k} workers, {key.split('_')[0]} test accuracy** "
+                "(mean ± sd over seeds; runs in brackets)",
+                ns,
+                methods,
+                lambda n, m, k=k, key=key: _accuracy(groups.get((k, n, m), []), key),
+            )
+        lines += _grid_table(
             f"**K = {k}: personalization strength chosen on validation** (per seed)",
-            "",
-            "| method | " + " | ".join(f"n={n}" for n in ns) + " |",
-            "|---|" + "---:|" * len(ns),
-        ]
-        for method in methods:
-            row = [
-                ", ".join(
-                    f"{c['strength']:g}"
-                    for c in sorted(groups[(k, n, method)], key=lambda c: c["seed"])
-                )
-                or "—"
-                for n in ns
-            ]
-            if method.partition("+")[0] != "shared" and any(r != "—" for r in row):
-                lines.append(f"| {method} | " + " | ".join(row) + " |")
-        lines.append("")
+            ns,
+            methods,
+            lambda n, m, k=k: _strengths(groups.get((k, n, m), []), m),
+        )
     return "\n".join(lines)
 
 
@@ -107,29 +109,36 @@ def worker_table(cells: list[dict], methods: list[str], k: int, n: str) -> str:
 
 
 def timing(cells: list[dict], methods: list[str]) -> str:
-    """Time spent, and the full grid's estimate from the mean per-method time at each (K, n)."""
+    """Time spent, and the full grid's estimate: a cell not run costs what a line fitted to the
+    run cells of its K (seconds against training pairs) says; training pairs of n=all are the
+    seed-0 split's (``ALL_PAIRS``)."""
     spent = sum(c["seconds"] for c in cells)
-    per = defaultdict(list)
-    for c in cells:
-        per[(c["K"], c["n"])].append(c["seconds"])
-    known = [s for v in per.values() for s in v]
-    total = 0.0
-    missing = []
+    total, fitted = 0.0, []
     for k in GRID["K"]:
+        mine = [c for c in cells if c["K"] == k]
+        if not mine:
+            continue
+        xs, ys = [c["train_pairs"] for c in mine], [c["seconds"] for c in mine]
+        if len(set(xs)) > 1:
+            slope, intercept = statistics.linear_regression(xs, ys)
+        else:
+            slope, intercept = 0.0, statistics.mean(ys)
         for n in GRID["n"]:
-            if per.get((k, n)):
-                mean = statistics.mean(per[(k, n)])
+            run = [c["seconds"] for c in mine if c["n"] == n]
+            if run:
+                per_cell = statistics.mean(run)
             else:
-                missing.append(f"K={k} n={n}")
-                mean = statistics.mean(known) if known else 0.0
-            total += mean * GRID["seeds"] * len(methods)
-    note = f" (no measurement at {', '.join(missing)}: mean of the others used)" if missing else ""
+                pairs = ALL_PAIRS[k] if n == "all" else int(n) * k
+                per_cell = intercept + slope * pairs
+                fitted.append(f"K={k} n={n}: {per_cell / 60:.0f} min")
+            total += per_cell * GRID["seeds"] * len(methods)
     grid = len(GRID["K"]) * len(GRID["n"]) * GRID["seeds"] * len(methods)
     return (
-        f"Cells run: {len(cells)} of {grid}; "
-        f"their time: {spent / 3600:.1f} h. The full grid ({len(methods)} methods, K ∈ "
+        f"Cells run: {len(cells)} of {grid}, taking {spent / 3600:.1f} h (2 CPU cores, often "
+        f"shared with other work: an upper bound). The full grid ({len(methods)} methods, K ∈ "
         f"{GRID['K']}, n ∈ {GRID['n']}, {GRID['seeds']} seeds) is estimated at "
-        f"{total / 3600:.1f} h on this machine{note}.\n"
+        f"{total / 3600:.1f} h on this machine; per method-cell where not measured: "
+        f"{'; '.join(fitted) or 'none'}.\n"
     )
 
 

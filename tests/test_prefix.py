@@ -58,3 +58,35 @@ def test_prefix_cache_needs_a_frozen_prefix(tiny_dirs):
         PrefixCache(model)
     with pytest.raises(ValueError, match="top_layers=5 but the model has 2 blocks"):
         PersonalizedRewardModel.from_backbone(tiny_dirs["bert"], ["a"], AdapterConfig(top_layers=5))
+
+
+def test_training_through_the_cache_equals_training_without_it(tmp_path):
+    """End to end: same weights, same validation accuracy. The cache runs the frozen blocks in
+    eval mode, so the backbone here has no dropout (with dropout the uncached path would apply
+    it inside the frozen blocks too)."""
+    from conftest import opposite_tastes, save_text_backbone
+
+    from sharelora.train import TrainConfig, train
+
+    path = save_text_backbone(tmp_path, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    data, val = opposite_tastes(12), opposite_tastes(6, seed=1)
+    runs = []
+    for cache_prefix in (True, False):
+        torch.manual_seed(0)
+        model = PersonalizedRewardModel.from_backbone(
+            path, ["sunny", "rainy"], AdapterConfig(rank=2, top_layers=1)
+        )
+        cfg = TrainConfig(
+            epochs=2,
+            lr=1e-2,
+            batch_size=4,
+            max_length=32,
+            progress=False,
+            cache_prefix=cache_prefix,
+        )
+        runs.append((model, train(model, data, val, cfg)))
+    (cached, a), (full, b) = runs
+    assert a["prefix_cache"] is not None and b["prefix_cache"] is None
+    for name, tensor in cached.trainable_state_dict().items():
+        torch.testing.assert_close(tensor, full.trainable_state_dict()[name], atol=1e-4, rtol=1e-4)
+    assert a["val_metrics"]["users"] == b["val_metrics"]["users"]
