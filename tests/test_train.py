@@ -38,13 +38,25 @@ def test_really_learns_opposite_tastes(tiny_text_backbone, sparse_users):
     assert evaluate(shared, test)["macro_accuracy"] < 0.7
 
 
-@pytest.mark.parametrize("top_layers", [None, 1])
-def test_resume_equals_uninterrupted(tiny_text_backbone, tmp_path, monkeypatch, top_layers):
+@pytest.mark.parametrize("top_layers,warmup_epochs", [(None, 0), (1, 0), (None, 1)])
+def test_resume_equals_uninterrupted(
+    tiny_text_backbone, tmp_path, monkeypatch, top_layers, warmup_epochs
+):
+    # With a warm-up the cut falls in the personal stage: the strength chosen at the end needs
+    # the population saved at the end of the warm-up.
     data = opposite_tastes(12)
-    cfg = TrainConfig(epochs=3, lr=5e-3, batch_size=4, progress=False, max_length=32, eval_every=2)
+    cfg = TrainConfig(
+        epochs=3,
+        lr=5e-3,
+        batch_size=4,
+        progress=False,
+        max_length=32,
+        eval_every=2,
+        warmup_epochs=warmup_epochs,
+    )
     kw = {"dropout": 0.1, "top_layers": top_layers}  # dropout: RNG state must be restored too
     full = _model(tiny_text_backbone, **kw)
-    train(full, data, data[:6], cfg, tmp_path / "full")
+    expected = train(full, data, data[:6], cfg, tmp_path / "full")["summary"]
 
     saved = []
     real_save = train_module.save_checkpoint
@@ -53,15 +65,20 @@ def test_resume_equals_uninterrupted(tiny_text_backbone, tmp_path, monkeypatch, 
         real_save(directory, *args)
         if directory.name == "last":
             saved.append(directory)
-            if len(saved) == 4:  # mid-epoch 2 (6 steps per epoch, a checkpoint every 2)
+            # 6 steps per epoch, saved every 2 steps and at each epoch's end: the 6th save is
+            # at step 4 of epoch 2.
+            if len(saved) == 6:
                 raise KeyboardInterrupt
 
     monkeypatch.setattr(train_module, "save_checkpoint", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
         train(_model(tiny_text_backbone, **kw), data, data[:6], cfg, tmp_path / "cut")
     monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    population = tmp_path / "cut" / "checkpoints" / "population.safetensors"
+    assert population.exists() == bool(warmup_epochs)
     resumed = _model(tiny_text_backbone, **kw)
-    train(resumed, data, data[:6], cfg, tmp_path / "cut", resume=True)
+    got = train(resumed, data, data[:6], cfg, tmp_path / "cut", resume=True)["summary"]
+    assert got["strength_val"] == expected["strength_val"] and len(got["strength_val"]) == 5
     a, b = full.trainable_state_dict(), resumed.trainable_state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
