@@ -59,6 +59,16 @@ def _accuracy(runs: list[dict], key: str) -> str:
     return _mean_sd([c[key] for c in runs]) if runs else "—"
 
 
+def _paired(runs: list[dict], base: list[dict]) -> str:
+    """Differences of macro accuracy from the baseline's run of the same seed."""
+    by_seed = {c["seed"]: c["macro_accuracy"] for c in base}
+    diffs = [c["macro_accuracy"] - by_seed[c["seed"]] for c in runs if c["seed"] in by_seed]
+    if not diffs:
+        return "—"
+    sd = f" ± {statistics.stdev(diffs):.3f}" if len(diffs) > 1 else ""
+    return f"{statistics.mean(diffs):+.3f}{sd} ({len(diffs)})"
+
+
 def _strengths(runs: list[dict], method: str) -> str:
     if not runs or method.partition("+")[0] == "shared":
         return "—"
@@ -77,6 +87,15 @@ def tables(cells: list[dict], methods: list[str]) -> str:
                 ns,
                 methods,
                 lambda n, m, k=k, key=key: _accuracy(groups.get((k, n, m), []), key),
+            )
+        for base in ("shared", "shared+from-shared"):
+            lines += _grid_table(
+                f"**K = {k}: macro accuracy minus `{base}`, paired by seed** (mean ± sd)",
+                ns,
+                [m for m in methods if m != base],
+                lambda n, m, k=k, base=base: _paired(
+                    groups.get((k, n, m), []), groups.get((k, n, base), [])
+                ),
             )
         lines += _grid_table(
             f"**K = {k}: personalization strength chosen on validation** (per seed)",
