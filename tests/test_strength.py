@@ -11,7 +11,8 @@ from conftest import opposite_tastes
 from sharelora import AdapterConfig, PersonalizedRewardModel
 from sharelora.compare import compare
 from sharelora.data import split_per_user
-from sharelora.train import STRENGTHS, TrainConfig, train
+from sharelora.strength import STRENGTHS
+from sharelora.train import TrainConfig, train
 
 PERSONAL = ["independent", "sharelora", "sharelora-b", "core", "diag"]
 USERS = ["sunny", "rainy"]

@@ -23,6 +23,7 @@ from .evaluate import PairRun, bt_loss, predict_margins, summarize
 from .files import OutputLock, write_json
 from .optim import SCHEDULES, SPARSE_USERS, build_optimizer, build_scheduler, clip_grad_norm_
 from .prefix import PrefixCache
+from .strength import apply_strength, snapshot
 
 
 class TrainingError(RuntimeError):
@@ -59,12 +60,9 @@ class TrainConfig:
             it costs one pass over the user tables per step.
         init_from: directory of a trained ``shared`` model to start every user from
             (``PersonalizedRewardModel.start_from``); that model is then the population model.
-        strength: personalization strength ``γ``: the trained weights become ``population +
-            γ (personal − population)``. ``"auto"`` picks γ from ``STRENGTHS`` by validation
-            loss (1 without validation data); a number in [0, 1] fixes it. The population is
-            the model personal training started from (``init_from`` or the end of the shared
-            warm-up), else every user table at its mean row. Where users agree, validation
-            chooses a small γ and the model falls back toward the population.
+        strength: personalization strength ``γ`` (``sharelora.strength``): ``"auto"`` picks it
+            from ``STRENGTHS`` by validation loss (1 without validation data); a number in
+            [0, 1] fixes it; 1 leaves the trained model as it is.
     """
 
     epochs: int = 3
@@ -160,31 +158,6 @@ def _broadcast_first_user(model, optimizer) -> None:
             optimizer.state.pop(table, None)
 
 
-STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
-
-
-def _snapshot(model) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in model.trainable_state_dict().items()}
-
-
-def _population(model, start: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
-    """The population model's tensors: ``start`` when personal training began from one, else
-    the current tensors with every per-user table at its mean row."""
-    if start is not None:
-        return start
-    population = _snapshot(model)
-    for name, layer in model.adapter_layers.items():
-        for pname, table in layer.user_parameters.items():
-            population[f"{name}.{pname}"] = table.detach().mean(0, keepdim=True).expand_as(table)
-    return population
-
-
-@torch.no_grad()
-def _set_strength(model, population: dict, personal: dict, strength: float) -> None:
-    for name, tensor in model.trainable_state_dict().items():
-        tensor.copy_(torch.lerp(population[name], personal[name], strength))
-
-
 def train(
     model,
     train_data: list[Comparison],
@@ -246,7 +219,7 @@ def _train(model, train_data, val_data, cfg: TrainConfig, output_dir, resume, pr
         from .model import PersonalizedRewardModel
 
         model.start_from(PersonalizedRewardModel.from_pretrained(cfg.init_from))
-        start = _snapshot(model)
+        start = snapshot(model)
     cache = None
     if model.adapter_config.top_layers and cfg.cache_prefix:
         model.to(acc.device)
@@ -316,7 +289,7 @@ def _train(model, train_data, val_data, cfg: TrainConfig, output_dir, resume, pr
     for epoch in range(progress["epoch"], cfg.epochs):
         if cfg.warmup_epochs and epoch == cfg.warmup_epochs and progress["step"] == 0:
             _broadcast_first_user(model, optimizer.optimizer)
-            start = _snapshot(model)
+            start = snapshot(model)
         keep = start is not None and population_file and acc.is_main_process
         if keep and not population_file.exists():  # for --resume
             population_file.parent.mkdir(parents=True, exist_ok=True)
@@ -404,20 +377,7 @@ def _finish(model, run, cfg, out, acc, progress, evaluate_val, start, best_metri
         model.load_trainable(best)
     metrics = best_metrics.get("val") if loaded else None
     metrics = metrics or evaluate_val("final")
-    strength, tried = 1.0, {}
-    if model.adapter_config.personalized and cfg.strength != 1:
-        personal, population = _snapshot(model), _population(model, start)
-        if cfg.strength != "auto":
-            strength = float(cfg.strength)
-        elif metrics:
-            tried[1.0] = metrics
-            for gamma in STRENGTHS[:-1]:
-                _set_strength(model, population, personal, gamma)
-                tried[gamma] = evaluate_val(f"strength {gamma}")
-            # Lowest validation loss; ties go to the more personal model.
-            strength = min(tried, key=lambda g: (tried[g]["loss"], -g))
-            metrics = tried[strength]
-        _set_strength(model, population, personal, strength)
+    strength, metrics, tried = apply_strength(model, start, cfg.strength, metrics, evaluate_val)
     summary = {
         "config": asdict(cfg),
         "train_pairs": len(run.train),
