@@ -376,3 +376,11 @@ def test_train_init_from_shared_at_strength_zero_is_the_shared_model(
 def test_strength_flag_rejects_a_word(capsys):
     assert main(["train", "--data", "builtin:demo", "--output", "x", "--strength", "max"]) == 2
     assert "--strength" in capsys.readouterr().err
+
+
+def test_adapt_top_layers_is_another_name_for_top_layers():
+    from sharelora.cli import parse_args
+
+    argv = ["train", "--data", "d.jsonl", "--output", "o"]
+    assert parse_args([*argv, "--adapt-top-layers", "2"]).top_layers == 2
+    assert parse_args([*argv, "--top-layers", "2"]).top_layers == 2

@@ -74,7 +74,12 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     g.add_argument("--alpha", type=float, default=16.0)
     g.add_argument("--dropout", type=float, default=0.0)
     g.add_argument("--targets", help="module-name suffixes, e.g. query,value (default: per arch)")
-    g.add_argument("--top-layers", type=int, help="adapt only the top k blocks (cached below)")
+    g.add_argument(
+        "--top-layers",
+        "--adapt-top-layers",
+        type=int,
+        help="adapt only the top k blocks; the frozen blocks below run once per text (cached)",
+    )
     g.add_argument("--user-init", choices=("same", "independent"), default="same")
 
 
