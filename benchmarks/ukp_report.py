@@ -127,28 +127,38 @@ def worker_table(cells: list[dict], methods: list[str], k: int, n: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _pooled_slope(cells: list[dict]) -> float:
+    """Seconds per training pair, fitted within each K and pooled (the evaluation cost, which
+    differs between K, stays in each K's intercept); never negative."""
+    num = den = 0.0
+    for k in {c["K"] for c in cells}:
+        mine = [c for c in cells if c["K"] == k]
+        mx = statistics.mean(c["train_pairs"] for c in mine)
+        my = statistics.mean(c["seconds"] for c in mine)
+        num += sum((c["train_pairs"] - mx) * (c["seconds"] - my) for c in mine)
+        den += sum((c["train_pairs"] - mx) ** 2 for c in mine)
+    return max(num / den, 0.0) if den else 0.0
+
+
 def timing(cells: list[dict], methods: list[str]) -> str:
-    """Time spent, and the full grid's estimate: a cell not run costs what a line fitted to the
-    run cells of its K (seconds against training pairs) says; training pairs of n=all are the
-    seed-0 split's (``ALL_PAIRS``)."""
+    """Time spent, and the full grid's estimate: a cell not run costs its K's mean plus the
+    pooled seconds per training pair times the difference in training pairs; training pairs of
+    n=all are the seed-0 split's (``ALL_PAIRS``)."""
     spent = sum(c["seconds"] for c in cells)
-    total, fitted = 0.0, []
+    slope, total, fitted = _pooled_slope(cells), 0.0, []
     for k in GRID["K"]:
         mine = [c for c in cells if c["K"] == k]
         if not mine:
             continue
-        xs, ys = [c["train_pairs"] for c in mine], [c["seconds"] for c in mine]
-        if len(set(xs)) > 1:
-            slope, intercept = statistics.linear_regression(xs, ys)
-        else:
-            slope, intercept = 0.0, statistics.mean(ys)
+        mean_pairs = statistics.mean(c["train_pairs"] for c in mine)
+        mean_seconds = statistics.mean(c["seconds"] for c in mine)
         for n in GRID["n"]:
             run = [c["seconds"] for c in mine if c["n"] == n]
             if run:
                 per_cell = statistics.mean(run)
             else:
                 pairs = ALL_PAIRS[k] if n == "all" else int(n) * k
-                per_cell = intercept + slope * pairs
+                per_cell = mean_seconds + slope * (pairs - mean_pairs)
                 fitted.append(f"K={k} n={n}: {per_cell / 60:.0f} min")
             total += per_cell * GRID["seeds"] * len(methods)
     grid = len(GRID["K"]) * len(GRID["n"]) * GRID["seeds"] * len(methods)
@@ -156,8 +166,8 @@ def timing(cells: list[dict], methods: list[str]) -> str:
         f"Cells run: {len(cells)} of {grid}, taking {spent / 3600:.1f} h (2 CPU cores, often "
         f"shared with other work: an upper bound). The full grid ({len(methods)} methods, K ∈ "
         f"{GRID['K']}, n ∈ {GRID['n']}, {GRID['seeds']} seeds) is estimated at "
-        f"{total / 3600:.1f} h on this machine; per method-cell where not measured: "
-        f"{'; '.join(fitted) or 'none'}.\n"
+        f"{total / 3600:.1f} h on this machine ({slope * 1000:.0f} s per 1,000 training pairs); "
+        f"per method-cell where not measured: {'; '.join(fitted) or 'none'}.\n"
     )
 
 
