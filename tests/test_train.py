@@ -19,6 +19,11 @@ def _model(path, method="sharelora", **kw):
     )
 
 
+def _cfg(**kw) -> TrainConfig:
+    """A short run on the tiny backbone."""
+    return TrainConfig(**{"lr": 5e-3, "progress": False, "max_length": 32, **kw})
+
+
 @pytest.mark.parametrize("sparse_users", ["off", "on"])
 def test_really_learns_opposite_tastes(tiny_text_backbone, sparse_users):
     data = opposite_tastes(40)
@@ -45,15 +50,7 @@ def test_resume_equals_uninterrupted(
     # With a warm-up the cut falls in the personal stage: the strength chosen at the end needs
     # the population saved at the end of the warm-up.
     data = opposite_tastes(12)
-    cfg = TrainConfig(
-        epochs=3,
-        lr=5e-3,
-        batch_size=4,
-        progress=False,
-        max_length=32,
-        eval_every=2,
-        warmup_epochs=warmup_epochs,
-    )
+    cfg = _cfg(epochs=3, batch_size=4, eval_every=2, warmup_epochs=warmup_epochs)
     kw = {"dropout": 0.1, "top_layers": top_layers}  # dropout: RNG state must be restored too
     full = _model(tiny_text_backbone, **kw)
     expected = train(full, data, data[:6], cfg, tmp_path / "full")["summary"]
@@ -144,15 +141,7 @@ def test_user_reg_pulls_users_toward_their_mean(tiny_text_backbone, sparse_users
     spreads = []
     for user_reg in (0.0, 10.0):
         model = _model(tiny_text_backbone, user_init="independent")
-        cfg = TrainConfig(
-            epochs=2,
-            lr=5e-3,
-            batch_size=8,
-            progress=False,
-            max_length=32,
-            user_reg=user_reg,
-            sparse_users=sparse_users,
-        )
+        cfg = _cfg(epochs=2, batch_size=8, user_reg=user_reg, sparse_users=sparse_users)
         train(model, opposite_tastes(16), None, cfg)
         spreads.append(spread(model))
     assert spreads[1] < 0.75 * spreads[0], spreads  # Adam moves each coordinate <= lr a step
