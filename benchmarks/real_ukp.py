@@ -90,8 +90,10 @@ def run(args) -> dict:
                 todo = [m for m in methods if cell_key(k, n, seed, m) not in store["cells"]]
                 if not todo:
                     continue
-                # Personalized methods start from this cell's shared model: train it again.
-                todo = ["shared"] + [m for m in todo if m != "shared"]
+                # Methods other than +warmup start from this cell's shared model: train it
+                # again when one of them is still to run.
+                if any(m != "shared" and not m.endswith("+warmup") for m in todo):
+                    todo = ["shared"] + [m for m in todo if m != "shared"]
                 cap = None if n == "all" else int(n)
                 splits = split_per_user(
                     data, SplitConfig(val=0.1, test=0.2, seed=seed, top_users=k, max_per_user=cap)
