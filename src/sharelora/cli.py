@@ -5,12 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import fields
+import time
 from pathlib import Path
 
-from .adapters import METHODS, AdapterConfig
-from .backbone import DEFAULT_BACKBONE
-from .train import TrainConfig
+from .config import DEFAULT_BACKBONE, METHODS, SCHEDULES, SPARSE_USERS, TrainConfig, UsageError
 
 # Embedded demo defaults: MiniLM with adapters in its top block, so that the frozen blocks
 # below are cached once per text and the whole comparison fits a laptop CPU (see README).
@@ -25,10 +23,6 @@ DEMO = {
     "from_shared": True,
 }
 DEMO_QUICK = {"top_users": 5, "max_per_user": 25}
-
-
-class UsageError(ValueError):
-    """A bad flag or config file."""
 
 
 def _add_data(p: argparse.ArgumentParser, data_required: bool = True) -> None:
@@ -78,7 +72,8 @@ def _add_model(p: argparse.ArgumentParser) -> None:
         "--top-layers",
         "--adapt-top-layers",
         type=int,
-        help="adapt only the top k blocks; the frozen blocks below run once per text (cached)",
+        help="adapt only the top k blocks; the frozen blocks below run once per text (cached, "
+        "right-padded, in eval mode: no dropout there)",
     )
     g.add_argument("--user-init", choices=("same", "independent"), default="same")
 
@@ -101,7 +96,7 @@ def _add_train(p: argparse.ArgumentParser) -> None:
         ("user_reg", float),
     ):
         g.add_argument("--" + name.replace("_", "-"), type=type_, default=getattr(defaults, name))
-    g.add_argument("--schedule", choices=("linear", "cosine", "constant"), default="linear")
+    g.add_argument("--schedule", choices=SCHEDULES, default="linear")
     g.add_argument(
         "--strength",
         type=_strength,
@@ -111,7 +106,7 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--sparse-users",
-        choices=("auto", "on", "off"),
+        choices=SPARSE_USERS,
         default="auto",
         help="row-sparse user tables + lazy Adam (auto: from 256 users)",
     )
@@ -121,6 +116,12 @@ def _add_train(p: argparse.ArgumentParser) -> None:
         default=True,
         help="keep the epoch best on validation (--no-select-best: the last one; validation "
         "then only chooses --strength)",
+    )
+    g.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="deterministic kernels: two runs with one seed on one machine give bit-identical "
+        "adapters (slower)",
     )
     g.add_argument("--gradient-checkpointing", action="store_true")
     g.add_argument("--group-by-length", action="store_true")
@@ -297,36 +298,37 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def _adapter_config(args) -> AdapterConfig:
-    return AdapterConfig(
-        method=args.method,
-        rank=args.rank,
-        alpha=args.alpha,
-        dropout=args.dropout,
-        targets=args.targets,
-        user_init=args.user_init,
-        top_layers=args.top_layers,
-    )
-
-
 def _strength(text: str) -> float | str:
     return text if text == "auto" else float(text)
 
 
-def _train_config(args) -> TrainConfig:
-    names = {f.name for f in fields(TrainConfig)}
-    return TrainConfig(
-        **{k: v for k, v in vars(args).items() if k in names}, progress=not args.no_progress
-    )
+def demo_argv(args: argparse.Namespace) -> list[str]:
+    """``sharelora demo`` is ``sharelora compare`` on the builtin data with ``DEMO`` settings."""
+    settings = {**DEMO, **(DEMO_QUICK if args.quick else {})}
+    argv = ["compare", "--data", "builtin:demo", "--output", args.output]
+    for key, value in settings.items():
+        flag = "--" + key.replace("_", "-")
+        argv += [flag] if value is True else [flag, str(value)]
+    return argv + (["--no-progress"] if args.no_progress else [])
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .commands import run
-
     argv = sys.argv[1:] if argv is None else argv
     try:
         args = parse_args(argv)
-        return run(args) or 0
+        started, demo = time.time(), args.command == "demo"
+        if demo:
+            args = parse_args(demo_argv(args))
+        from .commands import run
+
+        run(args)
+        if demo:
+            print(
+                f"demo finished in {time.time() - started:.0f}s; report: {args.output}/report.md, "
+                f"plot: {args.output}/accuracy.png",
+                file=sys.stderr,
+            )
+        return 0
     except SystemExit as exit_:
         return int(exit_.code or 0)
     except KeyboardInterrupt:

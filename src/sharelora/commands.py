@@ -5,16 +5,34 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
-import torch
-
-from .cli import DEMO, DEMO_QUICK, UsageError, _adapter_config, _train_config
-from .files import write_json
+from .config import AdapterConfig, TrainConfig, UsageError
+from .files import run_lock, write_json
 
 
 def _log(*parts) -> None:
     print(*parts, file=sys.stderr, flush=True)
+
+
+def _adapter_config(args) -> AdapterConfig:
+    return AdapterConfig(
+        method=args.method,
+        rank=args.rank,
+        alpha=args.alpha,
+        dropout=args.dropout,
+        targets=args.targets,
+        user_init=args.user_init,
+        top_layers=args.top_layers,
+    )
+
+
+def _train_config(args) -> TrainConfig:
+    names = {f.name for f in fields(TrainConfig)}
+    return TrainConfig(
+        **{k: v for k, v in vars(args).items() if k in names}, progress=not args.no_progress
+    )
 
 
 def _read(args, source: str | None = None):
@@ -53,6 +71,8 @@ def _split(args, data):
 
 
 def cmd_train(args) -> None:
+    import torch
+
     from .evaluate import evaluate
     from .model import PersonalizedRewardModel
     from .train import train
@@ -60,23 +80,26 @@ def cmd_train(args) -> None:
     adapter, cfg = _adapter_config(args), _train_config(args)
     splits = _split(args, _read(args))
     out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    splits.write_manifest(out / "split.json")
-    torch.manual_seed(cfg.seed)  # the adapters' initial draw is part of the run's seed
-    model = PersonalizedRewardModel.from_backbone(
-        args.backbone,
-        splits.users,
-        adapter,
-        revision=args.revision,
-        trust_remote_code=args.trust_remote_code,
-        max_length=cfg.max_length,
-    )
-    _log(f"parameters: {json.dumps(model.parameter_report())}")
-    result = train(model, splits.train, splits.val, cfg, out, resume=args.resume)
-    if splits.test:
-        metrics = evaluate(model, splits.test, seed=cfg.seed, prefix_cache=result["prefix_cache"])
-        write_json(out / "metrics.json", metrics)
-        _print_metrics(metrics)
+    # The lock comes before the first file this run writes (split.json); train() takes it again.
+    with run_lock(out):
+        splits.write_manifest(out / "split.json")
+        torch.manual_seed(cfg.seed)  # the adapters' initial draw is part of the run's seed
+        model = PersonalizedRewardModel.from_backbone(
+            args.backbone,
+            splits.users,
+            adapter,
+            revision=args.revision,
+            trust_remote_code=args.trust_remote_code,
+            max_length=cfg.max_length,
+        )
+        _log(f"parameters: {json.dumps(model.parameter_report())}")
+        result = train(model, splits.train, splits.val, cfg, out, resume=args.resume)
+        if splits.test:
+            metrics = evaluate(
+                model, splits.test, seed=cfg.seed, prefix_cache=result["prefix_cache"]
+            )
+            write_json(out / "metrics.json", metrics)
+            _print_metrics(metrics)
     _log(f"model written to {out}")
 
 
@@ -253,24 +276,6 @@ def cmd_compare(args) -> None:
     return results
 
 
-def cmd_demo(args) -> None:
-    from .cli import parse_args
-
-    settings = {**DEMO, **(DEMO_QUICK if args.quick else {})}
-    argv = ["compare", "--data", "builtin:demo", "--output", args.output]
-    for key, value in settings.items():
-        flag = "--" + key.replace("_", "-")
-        argv += [flag] if value is True else [flag, str(value)]
-    if args.no_progress:
-        argv.append("--no-progress")
-    started = time.time()
-    cmd_compare(parse_args(argv))
-    _log(
-        f"demo finished in {time.time() - started:.0f}s; report: {args.output}/report.md, "
-        f"plot: {args.output}/accuracy.png"
-    )
-
-
 def cmd_prepare(args) -> None:
     from .data.builders import build_helpsteer2, build_tldr
 
@@ -306,7 +311,6 @@ COMMANDS = {
     "score": cmd_score,
     "export": cmd_export,
     "compare": cmd_compare,
-    "demo": cmd_demo,
     "prepare": cmd_prepare,
     "plan": cmd_plan,
     "onboard": cmd_onboard,
@@ -314,6 +318,5 @@ COMMANDS = {
 }
 
 
-def run(args) -> int:
+def run(args) -> None:
     COMMANDS[args.command](args)
-    return 0

