@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import opposite_tastes
 
-from sharelora import AdapterConfig, PersonalizedRewardModel
+from sharelora import AdapterConfig, PersonalizedRewardModel, population
 from sharelora.compare import compare
 from sharelora.data import split_per_user
 from sharelora.strength import STRENGTHS
@@ -55,7 +55,7 @@ def test_start_from_scores_every_user_like_the_shared_model(tiny_text_backbone, 
     shared = PersonalizedRewardModel.from_pretrained(shared_dir)
     assert any(p.abs().sum() > 0 for n, p in shared.trainable_state_dict().items() if "B" in n)
     model = _model(tiny_text_backbone, method, user_init="independent")
-    model.start_from(shared)
+    population.assign(model, population.from_shared(model, shared))
     expected = _rewards(shared, torch.tensor([0, 0]))
     for user in (0, 1):
         got = _rewards(model, torch.tensor([user, user]))
@@ -63,11 +63,11 @@ def test_start_from_scores_every_user_like_the_shared_model(tiny_text_backbone, 
 
 
 def test_start_from_needs_a_matching_shared_model(tiny_text_backbone, shared_dir):
-    with pytest.raises(ValueError, match="needs a model trained with method 'shared'"):
-        _model(tiny_text_backbone).start_from(_model(tiny_text_backbone, "diag"))
+    with pytest.raises(ValueError, match="from a model trained with method 'shared'"):
+        population.from_shared(_model(tiny_text_backbone), _model(tiny_text_backbone, "diag"))
     shared = PersonalizedRewardModel.from_pretrained(shared_dir)
     with pytest.raises(ValueError, match="does not match this one at .*lora_A"):
-        _model(tiny_text_backbone, rank=2).start_from(shared)
+        population.from_shared(_model(tiny_text_backbone, rank=2), shared)
 
 
 @pytest.mark.parametrize("method", ["sharelora", "core"])
@@ -79,9 +79,10 @@ def test_strength_interpolates_between_population_and_personal(
     for strength in (0.0, 0.5, 1.0):
         models[strength] = _model(tiny_text_backbone, method)
         train(models[strength], data, None, _cfg(init_from=str(shared_dir), strength=strength))
-    population = _model(tiny_text_backbone, method)
-    population.start_from(PersonalizedRewardModel.from_pretrained(shared_dir))
-    pop, half, full = (m.trainable_state_dict() for m in (population, models[0.5], models[1.0]))
+    start = _model(tiny_text_backbone, method)
+    shared = PersonalizedRewardModel.from_pretrained(shared_dir)
+    population.assign(start, population.from_shared(start, shared))
+    pop, half, full = (m.trainable_state_dict() for m in (start, models[0.5], models[1.0]))
     zero = models[0.0].trainable_state_dict()
     for name in pop:
         torch.testing.assert_close(zero[name], pop[name], rtol=0, atol=0)

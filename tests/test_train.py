@@ -6,10 +6,10 @@ import pytest
 import torch
 from conftest import opposite_tastes
 
-from sharelora import AdapterConfig, PersonalizedRewardModel
+from sharelora import AdapterConfig, PersonalizedRewardModel, population
 from sharelora import train as train_module
 from sharelora.evaluate import evaluate
-from sharelora.train import TrainConfig, TrainingError, _broadcast_first_user, train
+from sharelora.train import TrainConfig, TrainingError, train
 
 
 def _model(path, method="sharelora", **kw):
@@ -71,8 +71,8 @@ def test_resume_equals_uninterrupted(
     with pytest.raises(KeyboardInterrupt):
         train(_model(tiny_text_backbone, **kw), data, data[:6], cfg, tmp_path / "cut")
     monkeypatch.setattr(train_module, "save_checkpoint", real_save)
-    population = tmp_path / "cut" / "checkpoints" / "population.safetensors"
-    assert population.exists() == bool(warmup_epochs)
+    stored = tmp_path / "cut" / "checkpoints" / "last" / "model" / "population.safetensors"
+    assert stored.exists() == bool(warmup_epochs)
     resumed = _model(tiny_text_backbone, **kw)
     got = train(resumed, data, data[:6], cfg, tmp_path / "cut", resume=True)["summary"]
     assert got["strength_val"] == expected["strength_val"] and len(got["strength_val"]) == 5
@@ -94,11 +94,12 @@ def test_resume_without_checkpoint_is_an_error(tiny_text_backbone, tmp_path):
 
 def test_warmup_copies_shared_row_to_every_user(tiny_text_backbone):
     model = _model(tiny_text_backbone, user_init="independent")
-    optimizer = torch.optim.AdamW(model.parameters())
     table = model.user_parameters()[0]
     assert not torch.equal(table[0], table[1])
-    _broadcast_first_user(model, optimizer)
+    first = table[0].clone()
+    population.assign(model, population.from_row(model, 0))
     assert all(torch.equal(t[0], t[1]) for t in model.user_parameters())
+    assert torch.equal(table[1], first)
     # After the personal stage users differ again.
     cfg = TrainConfig(
         epochs=2, warmup_epochs=1, lr=5e-3, batch_size=8, progress=False, max_length=32

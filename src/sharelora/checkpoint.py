@@ -95,6 +95,7 @@ def save_checkpoint(directory: Path, model, optimizer, scheduler, progress: dict
 def load_checkpoint(directory: Path, model, optimizer, scheduler) -> dict:
     """Restore what ``save_checkpoint`` wrote into live objects; returns ``progress``."""
     model.load_trainable(directory / "model" / "adapters.safetensors")
+    model.load_population(directory / "model")
     tensors = load_file(directory / TENSORS_FILE)
     state = json.loads((directory / STATE_FILE).read_text())
     optimizer.load_state_dict(_join_optimizer_state(tensors, state["optimizer"]))

@@ -8,65 +8,9 @@ from collections import defaultdict
 import torch
 import torch.nn.functional as F
 
-from .data import PairDataset, PairTokenizer
+from .pairs import PairRun, pair_correct, pair_rewards
 from .prefix import PrefixCache
 from .users import UnknownUserError
-
-
-def pair_rewards(model, batch: dict, cache=None, indices=None) -> torch.Tensor:
-    """Rewards ``[2B]`` for a collated pair batch (chosen rows first), through the prefix cache
-    when one is given (``indices``: each row's cached-state index)."""
-    inputs = {k: v for k, v in batch.items() if k != "index"}
-    if cache is None:
-        return model(**inputs)
-    hidden = cache.batch(indices, inputs["attention_mask"])
-    with cache.use(hidden):
-        return model(**inputs)
-
-
-class PairRun:
-    """Pair datasets, the prefix cache and its per-row indices, shared by training and
-    evaluation passes over the same model."""
-
-    def __init__(
-        self,
-        model,
-        train_data,
-        val_data,
-        max_length: int,
-        cache: PrefixCache | None,
-        progress: bool = True,
-    ):
-        encoder = PairTokenizer(model.tokenizer, max_length)
-        self.train = PairDataset(train_data, model.users, encoder) if train_data else None
-        self.val = PairDataset(val_data, model.users, encoder) if val_data else None
-        self.cache = cache
-        self.index: dict[int, tuple[list[int], list[int]]] = {}
-        if cache is not None:
-
-            def pad_rows(rows):
-                return encoder.tokenizer.pad(rows, return_tensors="pt")
-
-            for ds in filter(None, (self.train, self.val)):
-                chosen = cache.add(ds.chosen, pad_rows, progress=progress)
-                rejected = cache.add(ds.rejected, pad_rows, progress=progress)
-                self.index[id(ds)] = (chosen, rejected)
-        self.truncated = encoder.truncated
-
-    def rewards(self, model, ds, batch):
-        if self.cache is None:
-            return pair_rewards(model, batch)
-        chosen, rejected = self.index[id(ds)]
-        pos = batch["index"].tolist()
-        return pair_rewards(
-            model, batch, self.cache, [chosen[i] for i in pos] + [rejected[i] for i in pos]
-        )
-
-
-def bt_loss(rewards: torch.Tensor) -> torch.Tensor:
-    """``-log σ(r+ − r−)`` per pair, from ``[2B]`` rewards (chosen first)."""
-    chosen, rejected = rewards.chunk(2)
-    return -F.logsigmoid(chosen - rejected)
 
 
 def summarize(
@@ -79,10 +23,12 @@ def summarize(
 ) -> dict:
     """The ``metrics.json`` dict (design §4) from per-pair margins ``r+ − r−``."""
     per_user = defaultdict(lambda: {"correct": 0.0, "loss": 0.0, "n": 0})
-    for user, m in zip(users, margins, strict=True):
+    m = torch.tensor(margins, dtype=torch.float64)
+    credit, losses = pair_correct(m).tolist(), F.softplus(-m).tolist()
+    for user, c, loss in zip(users, credit, losses, strict=True):
         s = per_user[user]
-        s["correct"] += 1.0 if m > 0 else 0.5 if m == 0 else 0.0
-        s["loss"] += float(F.softplus(torch.tensor(-m, dtype=torch.float64)))
+        s["correct"] += c
+        s["loss"] += loss
         s["n"] += 1
     table = {
         u: {"accuracy": s["correct"] / s["n"], "loss": s["loss"] / s["n"], "n": s["n"]}
@@ -112,10 +58,11 @@ def bootstrap_ci(values: list[float], seed: int = 0, rounds: int = 1000) -> list
 
 @torch.no_grad()
 def predict_margins(
-    model, ds, batch_size: int = 32, accelerator=None, rewards_fn=None
+    model, ds, batch_size: int = 32, accelerator=None, rewards_fn=None, first_user_only=False
 ) -> list[float]:
     """``r+ − r−`` for every pair of a ``PairDataset``, in dataset order (gathered across
-    processes when ``accelerator`` is given)."""
+    processes when ``accelerator`` is given). ``first_user_only`` routes every row to user 0,
+    as the shared warm-up trains."""
     from torch.utils.data import DataLoader
 
     loader = DataLoader(
@@ -133,6 +80,8 @@ def predict_margins(
     margins: list[float] = [0.0] * len(ds)
     for batch in loader:
         batch = {k: v.to(device) for k, v in batch.items()}
+        if first_user_only:
+            batch["user_ids"] = torch.zeros_like(batch["user_ids"])
         rewards = rewards_fn(model, ds, batch) if rewards_fn else pair_rewards(model, batch)
         chosen, rejected = rewards.float().chunk(2)
         margin, index = chosen - rejected, batch["index"]

@@ -46,7 +46,7 @@ def export_peft(model: PersonalizedRewardModel, user, directory: Path) -> None:
     Each layer's effective factors (``A_u, B`` for sharelora, ``C_u·A, B`` for core, ...) become
     ``lora_A``/``lora_B``; the trained head goes in ``modules_to_save``.
     """
-    uid = model._user_index(user)
+    uid = model.user_index(user)
     cfg = model.adapter_config
     layers = model.adapter_layers
     heads = sorted({n.rsplit(".", 1)[0] for n in model.trainable_backbone_names})

@@ -12,7 +12,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from . import files
+from . import files, population
 from .adapters import AdapterConfig, PersonalLoRALayer, UserRouter
 from .backbone import load_backbone, prepare_backbone
 from .inject import head_module_names, inject_adapters
@@ -22,6 +22,7 @@ FORMAT_VERSION = 1
 CONFIG_FILE = "sharelora.json"
 USERS_FILE = "users.json"
 WEIGHTS_FILE = "adapters.safetensors"
+POPULATION_FILE = "population.safetensors"
 
 
 class ModelFormatError(ValueError):
@@ -70,6 +71,8 @@ class PersonalizedRewardModel(nn.Module):
         self.backbone_name = backbone_name or getattr(backbone.config, "_name_or_path", "") or None
         self.revision = revision
         self.max_length = max_length
+        # The population model when training set one (sharelora.population); None: the mean.
+        self.population: dict[str, torch.Tensor] | None = None
         self.router = UserRouter(len(users))
         self.adapter_layers: dict[str, PersonalLoRALayer] = inject_adapters(
             backbone, adapter, len(users), self.router
@@ -115,51 +118,21 @@ class PersonalizedRewardModel(nn.Module):
 
     @torch.no_grad()
     def add_users(self, names: Iterable[object]) -> list[int]:
-        """Append new users; their rows of every per-user table start at the population
-        adapter (the mean of the existing rows). Existing rows are not touched. Returns the ids
-        of ``names`` (known names keep theirs)."""
+        """Append new users; their rows of every per-user table start at the population model
+        (``sharelora.population.of``). Existing rows are not touched. Returns the ids of
+        ``names`` (known names keep theirs)."""
         before = self.num_users
+        start = population.of(self)
         ids = self.users.add(names)
         added = self.num_users - before
         if added:
-            for layer in self.adapter_layers.values():
+            for lname, layer in self.adapter_layers.items():
                 for name, table in layer.user_parameters.items():
-                    rows = table.mean(0, keepdim=True).expand(added, *table.shape[1:])
+                    rows = start[f"{lname}.{name}"].to(table).expand(added, *table.shape[1:])
                     grown = nn.Parameter(torch.cat([table, rows]), table.requires_grad)
                     setattr(layer, name, grown)
             self.router.num_users = self.num_users
         return ids
-
-    @torch.no_grad()
-    def start_from(self, shared: PersonalizedRewardModel) -> None:
-        """Start every user at a trained ``shared`` model: each per-user table gets the shared
-        factor in every row (a core ``C_u`` or ``d_u`` is reset to the identity) and the head
-        is copied, so this model scores every user exactly as ``shared`` does. Personal
-        training then moves on from the population model instead of from zero."""
-        if shared.adapter_config.method != "shared":
-            raise ValueError(
-                f"start_from needs a model trained with method 'shared', got "
-                f"{shared.adapter_config.method!r}"
-            )
-        source, target = shared.trainable_state_dict(), self.trainable_state_dict()
-        for name, layer in self.adapter_layers.items():
-            factors = {"A": f"{name}.lora_A", "B": f"{name}.lora_B"}
-            for key, src_name in factors.items():
-                table = getattr(layer, f"user_{key}", None)
-                dest = table if table is not None else getattr(layer, f"lora_{key}")
-                src = source.get(src_name)
-                if src is None or src.shape != dest.shape[-src.dim() :]:
-                    raise ValueError(
-                        f"the shared model does not match this one at {src_name} (same backbone, "
-                        "rank, targets and top_layers are needed)"
-                    )
-                dest.copy_(src.expand_as(dest))
-            if layer.core == "core":
-                layer.user_C.copy_(torch.eye(layer.rank).expand_as(layer.user_C))
-            elif layer.core == "diag":
-                layer.user_d.fill_(1.0)
-        for name in self.trainable_backbone_names:
-            target[name].copy_(source[name])
 
     # ------------------------------------------------------------------------------ forward
     def forward(
@@ -265,6 +238,11 @@ class PersonalizedRewardModel(nn.Module):
         d.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.contiguous().cpu() for k, v in self.trainable_state_dict().items()}
         files.save_safetensors(tensors, d / WEIGHTS_FILE, metadata={"format": "pt"})
+        if self.population is not None:
+            rows = {k: v.contiguous().cpu() for k, v in self.population.items()}
+            files.save_safetensors(rows, d / POPULATION_FILE, metadata={"format": "pt"})
+        else:
+            (d / POPULATION_FILE).unlink(missing_ok=True)  # a previous save's
         self.users.save(d / USERS_FILE)
         files.write_json(d / CONFIG_FILE, self.config_dict(training))
         if self.tokenizer is not None:
@@ -310,38 +288,26 @@ class PersonalizedRewardModel(nn.Module):
             config["trainable_backbone_parameters"],
         )
         obj.load_trainable(d / WEIGHTS_FILE)
+        obj.load_population(d)
         obj.training_summary = config.get("training", {})
         return obj
 
+    def load_population(self, directory: str | Path) -> None:
+        """Set ``population`` from ``DIR/population.safetensors``, or to ``None`` without it."""
+        path = Path(directory) / POPULATION_FILE
+        self.population = _read_checked(path, population.mean_of(self)) if path.exists() else None
+
     def load_trainable(self, path: str | Path) -> None:
         """Load adapter and head tensors, checking names and shapes against this model."""
-        path = Path(path)
-        if not path.exists():
-            raise ModelFormatError(f"{path}: file not found")
-        try:
-            tensors = load_file(path)
-        except (SafetensorError, OSError, ValueError) as err:
-            raise ModelFormatError(f"{path}: not a readable safetensors file ({err})") from err
         expected = self.trainable_state_dict()
-        missing = sorted(set(expected) - set(tensors))
-        unexpected = sorted(set(tensors) - set(expected))
-        if missing or unexpected:
-            raise ModelFormatError(
-                f"{path}: tensors do not match the config: missing {missing[:5]}, "
-                f"unexpected {unexpected[:5]}"
-            )
-        for name, target in expected.items():
-            if tensors[name].shape != target.shape:
-                raise ModelFormatError(
-                    f"{path}: tensor {name} has shape {tuple(tensors[name].shape)}, expected "
-                    f"{tuple(target.shape)}"
-                )
+        tensors = _read_checked(Path(path), expected)
         with torch.no_grad():
             for name, target in expected.items():
                 target.copy_(tensors[name])
 
     # ------------------------------------------------------------------------------- export
-    def _user_index(self, user: object | None) -> int | None:
+    def user_index(self, user: object | None) -> int | None:
+        """The table row of ``user``; ``None`` for the ``shared`` method (one row for all)."""
         if not self.adapter_config.personalized:
             return None
         if user is None:
@@ -354,7 +320,7 @@ class PersonalizedRewardModel(nn.Module):
 
         Only the adapted layers are copied; the adapters are put back on exit.
         """
-        uid = self._user_index(user)
+        uid = self.user_index(user)
         originals = {}
         try:
             for name, layer in self.adapter_layers.items():
@@ -375,6 +341,30 @@ class PersonalizedRewardModel(nn.Module):
         if format not in exporters:
             raise ValueError(f"unknown export format {format!r}; choose merged or peft")
         exporters[format](self, user, Path(directory))
+
+
+def _read_checked(path: Path, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file, whose names and shapes must be those of ``expected``."""
+    if not path.exists():
+        raise ModelFormatError(f"{path}: file not found")
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ModelFormatError(f"{path}: not a readable safetensors file ({err})") from err
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ModelFormatError(
+            f"{path}: tensors do not match the config: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
+    for name, target in expected.items():
+        if tensors[name].shape != target.shape:
+            raise ModelFormatError(
+                f"{path}: tensor {name} has shape {tuple(tensors[name].shape)}, expected "
+                f"{tuple(target.shape)}"
+            )
+    return tensors
 
 
 def read_config(directory: Path) -> dict:

@@ -18,10 +18,7 @@ import math
 import torch
 from transformers import get_scheduler
 
-SCHEDULES = ("linear", "cosine", "constant")
-SPARSE_USERS = ("auto", "on", "off")
-# "auto" turns row-sparse user tables on from this many users (below, dense is as fast).
-SPARSE_USERS_THRESHOLD = 256
+from .config import SCHEDULES, SPARSE_USERS, SPARSE_USERS_THRESHOLD
 
 
 class PersonalAdamW(torch.optim.Optimizer):
@@ -64,15 +61,27 @@ class PersonalAdamW(torch.optim.Optimizer):
                 if not state:
                     state["exp_avg"] = torch.zeros_like(p)
                     state["exp_avg_sq"] = torch.zeros_like(p)
-                    # Lazy groups count steps per row (users are updated at different rates);
-                    # float64 keeps 1 - beta2**step exact enough at small steps.
+                    # Lazy groups count steps per row (users are updated at different rates).
+                    # Integer counts: exact, and no float64 (which MPS lacks).
                     shape = (p.shape[0],) if group["lazy"] else ()
-                    state["step"] = torch.zeros(shape, dtype=torch.float64, device=p.device)
+                    state["step"] = torch.zeros(shape, dtype=torch.int64, device=p.device)
                 if p.grad.is_sparse:
                     self._sparse_step(p, state, group, beta1, beta2)
                 else:
                     self._dense_step(p, state, group, beta1, beta2)
         return loss
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As ``torch.optim.Optimizer.load_state_dict``, then every state tensor on its
+        parameter's device: torch leaves ``step`` where it was saved (the CPU), and the lazy
+        update indexes it with the device's row ids. Float step counts of older checkpoints
+        become integers."""
+        super().load_state_dict(state_dict)
+        for p, state in self.state.items():
+            for name, value in state.items():
+                if isinstance(value, torch.Tensor):
+                    dtype = torch.int64 if name == "step" else value.dtype
+                    state[name] = value.to(device=p.device, dtype=dtype)
 
     @staticmethod
     def _dense_step(p, state, group, beta1, beta2):
@@ -83,8 +92,7 @@ class PersonalAdamW(torch.optim.Optimizer):
         m.lerp_(grad, 1 - beta1)
         v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         if step.dim():  # a lazy group given a dense gradient: every row took a step
-            step = step.reshape((-1,) + (1,) * (p.dim() - 1))
-            bc1, bc2_sqrt = (1 - beta1**step).to(p.dtype), (1 - beta2**step).sqrt().to(p.dtype)
+            bc1, bc2_sqrt = _bias_corrections(step, beta1, beta2, p)
         else:
             bc1, bc2_sqrt = 1 - beta1 ** step.item(), math.sqrt(1 - beta2 ** step.item())
         denom = (v.sqrt() / bc2_sqrt).add_(group["eps"])
@@ -96,28 +104,36 @@ class PersonalAdamW(torch.optim.Optimizer):
         rows, values = grad.indices()[0], grad.values()  # [k], [k, ...]
         m, v = state["exp_avg"], state["exp_avg_sq"]
         state["step"][rows] += 1
-        step = state["step"][rows].reshape((-1,) + (1,) * (p.dim() - 1))
         m_rows = m[rows].lerp_(values, 1 - beta1)
         v_rows = v[rows].mul_(beta2).addcmul_(values, values, value=1 - beta2)
         m[rows], v[rows] = m_rows, v_rows
-        bc1, bc2_sqrt = (1 - beta1**step).to(p.dtype), (1 - beta2**step).sqrt().to(p.dtype)
+        bc1, bc2_sqrt = _bias_corrections(state["step"][rows], beta1, beta2, p)
         denom = (v_rows.sqrt() / bc2_sqrt).add_(group["eps"])
         p[rows] -= group["lr"] * (m_rows / bc1) / denom
+
+
+def _bias_corrections(step: torch.Tensor, beta1: float, beta2: float, p: torch.Tensor):
+    """``1 − β1^t`` and ``sqrt(1 − β2^t)`` per row ``[k, 1, ...]`` for integer counts ``t``
+    ``[k]``, in ``p``'s dtype on its device: ``1 − β^t = −expm1(t·ln β)`` keeps full relative
+    precision without float64."""
+    t = step.to(p.dtype).reshape((-1,) + (1,) * (p.dim() - 1))
+    bc1 = -torch.expm1(t * math.log(beta1))
+    bc2_sqrt = (-torch.expm1(t * math.log(beta2))).sqrt()
+    return bc1, bc2_sqrt
 
 
 def build_optimizer(
     model,
     lr: float = 1e-3,
     weight_decay: float = 0.0,
-    user_lr: float | None = None,
-    sparse_users: str | bool = "off",
+    sparse_users: str | bool = "auto",
 ) -> PersonalAdamW:
     """The optimizer for a ``PersonalizedRewardModel``: shared parameters with
     ``weight_decay``, per-user tables in a lazy group without it.
 
-    ``sparse_users``: ``"on"``/``True`` gives user tables row-sparse gradients (set on the
-    model), ``"off"`` keeps them dense, ``"auto"`` turns them on from
-    ``SPARSE_USERS_THRESHOLD`` users.
+    ``sparse_users``: ``"auto"`` (the default, as on the command line) gives user tables
+    row-sparse gradients from ``SPARSE_USERS_THRESHOLD`` users, ``"on"``/``True`` always,
+    ``"off"``/``False`` never (the choice is set on the model: ``model.router.sparse_grads``).
     """
     if isinstance(sparse_users, bool):
         sparse_users = "on" if sparse_users else "off"
@@ -130,7 +146,7 @@ def build_optimizer(
     groups = [{"params": shared, "weight_decay": weight_decay}] if shared else []
     users = [p for p in model.user_parameters() if p.requires_grad]
     if users:
-        groups.append({"params": users, "weight_decay": 0.0, "lr": user_lr or lr, "lazy": True})
+        groups.append({"params": users, "weight_decay": 0.0, "lazy": True})
     return PersonalAdamW(groups, lr=lr)
 
 

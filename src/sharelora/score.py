@@ -51,7 +51,7 @@ def score_texts(
         for start in range(0, len(responses), batch_size):
             stop = start + batch_size
             features = encoder(prompts[start:stop], responses[start:stop])
-            batch = model.tokenizer.pad(feature_rows(features), return_tensors="pt").to(device)
+            batch = encoder.pad(feature_rows(features)).to(device)
             user_ids = ids[start:stop].to(device) if ids is not None else None
             rewards.extend(model(**batch, user_ids=user_ids).tolist())
     finally:

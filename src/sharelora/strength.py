@@ -4,10 +4,8 @@ After personal training, every trainable tensor is set to::
 
     θ(γ) = θ_population + γ (θ_personal − θ_population)        γ ∈ [0, 1]
 
-γ = 1 is the trained personal model; γ = 0 gives every user the population model. The
-population is the model personal training started from (a trained ``shared`` model given by
-``TrainConfig.init_from``, or the end of a shared warm-up), else the trained model with every
-per-user table at its mean row. Choosing γ by validation loss is weight-space shrinkage toward a
+γ = 1 is the trained personal model; γ = 0 gives every user the population model
+(``sharelora.population``). Choosing γ by validation loss is weight-space shrinkage toward a
 common model: where users agree, a personal adapter fitted on a few comparisons mostly fits
 noise and validation picks a small γ; where they disagree it picks γ near 1.
 """
@@ -16,7 +14,8 @@ from __future__ import annotations
 
 import torch
 
-STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+from . import population as pop
+from .config import STRENGTHS
 
 
 def snapshot(model) -> dict[str, torch.Tensor]:
@@ -24,43 +23,25 @@ def snapshot(model) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.trainable_state_dict().items()}
 
 
-def population(model, start: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
-    """The population model's tensors: ``start`` when personal training began from one, else
-    the current tensors with every per-user table at its mean row."""
-    if start is not None:
-        return start
-    tensors = snapshot(model)
-    for name, layer in model.adapter_layers.items():
-        for pname, table in layer.user_parameters.items():
-            tensors[f"{name}.{pname}"] = table.detach().mean(0, keepdim=True).expand_as(table)
-    return tensors
-
-
-@torch.no_grad()
-def set_strength(model, base: dict, personal: dict, strength: float) -> None:
-    for name, tensor in model.trainable_state_dict().items():
-        tensor.copy_(torch.lerp(base[name], personal[name], strength))
-
-
-def apply_strength(model, start, strength, val_metrics, evaluate_val):
+def apply_strength(model, strength, val_metrics, evaluate_val):
     """Set ``model`` to its strength (a number, or ``"auto"``: the lowest validation loss of
     ``STRENGTHS``, ties to the more personal); returns ``(γ, validation metrics at γ, the
     validation metrics of every γ tried)``. ``val_metrics`` are those of the model as it is
     (γ = 1); ``evaluate_val(tag)`` evaluates the model in its current state."""
     if not model.adapter_config.personalized or strength == 1:
         return 1.0, val_metrics, {}
-    personal, base = snapshot(model), population(model, start)
+    personal, base = snapshot(model), pop.of(model)
     tried = {}
     if strength == "auto":
         if not val_metrics:
             return 1.0, val_metrics, {}
         tried[1.0] = val_metrics
         for gamma in STRENGTHS[:-1]:
-            set_strength(model, base, personal, gamma)
+            pop.lerp(model, base, personal, gamma)
             tried[gamma] = evaluate_val(f"strength {gamma}")
         strength = min(tried, key=lambda g: (tried[g]["loss"], -g))
         val_metrics = tried[strength]
-    set_strength(model, base, personal, float(strength))
+    pop.lerp(model, base, personal, float(strength))
     if val_metrics and not tried:  # a fixed strength: report validation where the model is
         val_metrics = evaluate_val(f"strength {strength}")
     return float(strength), val_metrics, tried

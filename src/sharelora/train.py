@@ -1,10 +1,22 @@
-"""The training loop: one ``accelerate`` loop for CPU, one GPU, or many (``accelerate launch``)."""
+"""The training loop: one ``accelerate`` loop for CPU, one GPU, or many (``accelerate launch``).
+
+A run is a ``Trainer`` with explicit state, read top to bottom::
+
+    setup (__init__)  ─►  for each epoch: run_epoch ─► evaluate ─► checkpoint  ─►  finish
+
+``run_epoch`` holds the step (forward, loss, backward, clip, optimizer step, log); the stages
+of the reference recipe (a shared warm-up, then personal training from the population model)
+are decided in ``_begin_epoch`` alone; ``finish`` loads the best checkpoint, sets the
+personalization strength and writes the model.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -12,18 +24,26 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
-from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
+from . import population
 from .checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from .config import TrainConfig
 from .data import Comparison, PairDataset
-from .evaluate import PairRun, bt_loss, predict_margins, summarize
-from .files import OutputLock, write_json
-from .optim import SCHEDULES, SPARSE_USERS, build_optimizer, build_scheduler, clip_grad_norm_
+from .evaluate import predict_margins, summarize
+from .files import run_lock, write_json
+from .optim import build_optimizer, build_scheduler, clip_grad_norm_
+from .pairs import PairRun, bt_loss, pair_correct
 from .prefix import PrefixCache
-from .strength import apply_strength, snapshot
+from .strength import apply_strength
+
+__all__ = ["TrainConfig", "Trainer", "TrainingError", "train"]
+
+# What a fresh run removes from its output directory: a previous run's state must never be
+# read back as this run's (its best checkpoint, its log, its metrics).
+RUN_STATE = ("checkpoints", "train_log.jsonl", "val_metrics.json", "metrics.json")
 
 
 class TrainingError(RuntimeError):
@@ -31,98 +51,32 @@ class TrainingError(RuntimeError):
 
 
 @dataclass
-class TrainConfig:
-    """How to train. Defaults suit LoRA on a small backbone on a laptop CPU.
+class Progress:
+    """Where a run is; saved in every checkpoint so that ``--resume`` continues exactly."""
 
-    Attributes:
-        epochs: passes over the training pairs (including ``warmup_epochs``).
-        lr: peak learning rate (AdamW) for adapters and head.
-        weight_decay: on shared factors and the head only; never on per-user tables.
-        batch_size: pairs per optimizer step and process group (global across processes).
-        grad_accum: batches accumulated per optimizer step.
-        max_grad_norm: gradient clipping (0 disables).
-        warmup_ratio, schedule: learning-rate warm-up fraction, then linear/cosine/constant.
-        warmup_epochs: the reference two-stage recipe: train these epochs as ``shared`` (all
-            users routed to one row), then copy that row to every user and personalize.
-        eval_every: evaluate on validation every this many optimizer steps (0: each epoch).
-        select_best: keep the checkpoint best on validation; ``False`` keeps the last one and
-            uses validation only to choose ``strength`` (fewer passes over validation).
-        seed: seeds initialisation, data order and dropout.
-        max_length: token budget for prompt + response.
-        gradient_checkpointing: recompute activations in backward (less memory, slower).
-        group_by_length: batch pairs of similar length (less padding), seeded.
-        cache_prefix: with ``AdapterConfig.top_layers``, cache the frozen blocks once per text.
-        sparse_users: row-sparse gradients and lazy Adam for user tables (``auto``: from
-            ``optim.SPARSE_USERS_THRESHOLD`` users, single process only).
-        progress: show tqdm bars.
-        user_reg: strength of an L2 pull of each batch user's per-user factors toward the mean
-            over all users (0: off). It lets users who agree fall back toward the population;
-            it costs one pass over the user tables per step.
-        init_from: directory of a trained ``shared`` model to start every user from
-            (``PersonalizedRewardModel.start_from``); that model is then the population model.
-        strength: personalization strength ``γ`` (``sharelora.strength``): ``"auto"`` picks it
-            from ``STRENGTHS`` by validation loss (1 without validation data); a number in
-            [0, 1] fixes it; 1 leaves the trained model as it is.
-    """
+    epoch: int = 0  # epochs finished
+    step: int = 0  # batches done in the current epoch
+    global_step: int = 0  # optimizer steps
+    best: float | None = None  # best validation macro accuracy of the current stage
+    seconds: float = 0.0
 
-    epochs: int = 3
-    lr: float = 2e-3
-    weight_decay: float = 0.0
-    batch_size: int = 16
-    grad_accum: int = 1
-    max_grad_norm: float = 1.0
-    warmup_ratio: float = 0.1
-    schedule: str = "linear"
-    warmup_epochs: int = 0
-    eval_every: int = 0
-    select_best: bool = True
-    seed: int = 0
-    max_length: int = 256
-    gradient_checkpointing: bool = False
-    group_by_length: bool = False
-    cache_prefix: bool = True
-    sparse_users: str = "auto"
-    user_reg: float = 0.0
-    init_from: str | None = None
-    strength: float | str = "auto"
-    progress: bool = True
 
-    def __post_init__(self):
-        positive = {
-            "epochs": self.epochs,
-            "batch_size": self.batch_size,
-            "grad_accum": self.grad_accum,
-            "max_length": self.max_length,
-        }
-        for name, value in positive.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.lr, (int, float)) or not self.lr > 0:
-            raise ValueError(f"lr must be a positive number (e.g. 2e-3), got {self.lr!r}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
-        if self.sparse_users not in SPARSE_USERS:
-            raise ValueError(
-                f"sparse_users must be one of {SPARSE_USERS}, got {self.sparse_users!r}"
-            )
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if not 0 <= self.warmup_epochs < self.epochs:
-            raise ValueError(
-                f"warmup_epochs ({self.warmup_epochs}) must be >= 0 and below epochs "
-                f"({self.epochs}) so that the personal stage runs"
-            )
-        if self.strength != "auto" and not (
-            isinstance(self.strength, (int, float))
-            and not isinstance(self.strength, bool)
-            and 0 <= self.strength <= 1
-        ):
-            raise ValueError(
-                f"strength must be 'auto' or a number in [0, 1] (1: fully personal, 0: the "
-                f"population model), got {self.strength!r}"
-            )
-        if min(self.eval_every, self.weight_decay, self.max_grad_norm, self.user_reg) < 0:
-            raise ValueError("eval_every, weight_decay, max_grad_norm and user_reg must be >= 0")
+@contextlib.contextmanager
+def deterministic_mode(on: bool):
+    """Deterministic kernels for the block when ``on`` (``TrainConfig.deterministic``); the
+    previous setting comes back after it. CUDA's cuBLAS needs its workspace setting too."""
+    if not on:
+        yield
+        return
+    before = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        torch.backends.cudnn.benchmark = before[1]
 
 
 def _order(ds: PairDataset, cfg: TrainConfig, epoch: int) -> list[int]:
@@ -130,12 +84,6 @@ def _order(ds: PairDataset, cfg: TrainConfig, epoch: int) -> list[int]:
     if cfg.group_by_length:
         return list(LengthGroupedSampler(cfg.batch_size, lengths=ds.lengths(), generator=g))
     return torch.randperm(len(ds), generator=g).tolist()
-
-
-def _loader_generator() -> torch.Generator:
-    # A DataLoader seeds its iterator from the global RNG unless given its own generator; that
-    # draw would shift the dropout stream after a resume. Our order is already fixed.
-    return torch.Generator().manual_seed(0)
 
 
 def user_pull(model, user_ids: torch.Tensor) -> torch.Tensor:
@@ -150,12 +98,293 @@ def user_pull(model, user_ids: torch.Tensor) -> torch.Tensor:
     return total / len(users)
 
 
-def _broadcast_first_user(model, optimizer) -> None:
-    """End of the shared warm-up: copy row 0 of every user table to all users, fresh Adam."""
-    with torch.no_grad():
+class Trainer:
+    """One training run of ``model`` (in place) with the Bradley-Terry loss.
+
+    Args:
+        model: a ``PersonalizedRewardModel``; every training user must be in its vocabulary.
+        train_data, val_data: comparisons; validation selects the best epoch and the strength.
+        cfg: the ``TrainConfig``.
+        output_dir: where checkpoints, the log and the final model go (``None``: nowhere).
+        resume: continue from ``output_dir/checkpoints/last``; without it a fresh run first
+            removes the previous run's state (``RUN_STATE``) from ``output_dir``.
+        prefix_cache: a ``PrefixCache`` over the same backbone to reuse.
+    """
+
+    def __init__(
+        self,
+        model,
+        train_data: list[Comparison],
+        val_data: list[Comparison] | None,
+        cfg: TrainConfig,
+        output_dir: str | Path | None = None,
+        resume: bool = False,
+        prefix_cache: PrefixCache | None = None,
+    ):
+        unknown = sorted({c.user for c in train_data} - set(model.users))
+        if unknown:
+            raise ValueError(f"training users not in the model: {', '.join(unknown[:5])}")
+        self.model, self.cfg = model, cfg
+        self.out = Path(output_dir) if output_dir is not None else None
+        set_seed(cfg.seed)
+        model.max_length = cfg.max_length
+        on_cpu = not torch.cuda.is_available() and not torch.backends.mps.is_available()
+        self.acc = acc = Accelerator(
+            # Without cpu=True, processes started by a launcher on a GPU-less machine each
+            # train alone instead of forming one gloo group.
+            cpu=on_cpu,
+            gradient_accumulation_steps=cfg.grad_accum,
+            mixed_precision="bf16" if torch.cuda.is_available() else "no",
+            dataloader_config=DataLoaderConfiguration(split_batches=True),
+        )
+        self._clear_previous_run(resume)
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        if cfg.init_from:
+            from .model import PersonalizedRewardModel
+
+            shared = PersonalizedRewardModel.from_pretrained(cfg.init_from)
+            model.population = population.from_shared(model, shared)
+            population.assign(model, model.population)
+        cache = None
+        if model.adapter_config.top_layers and cfg.cache_prefix:
+            model.to(acc.device)
+            cache = PrefixCache(model, store=prefix_cache)
+        self.pairs = PairRun(model, train_data, val_data, cfg.max_length, cache, cfg.progress)
+        batches = math.ceil(len(self.pairs.train) / cfg.batch_size)
+        total_steps = cfg.epochs * math.ceil(batches / cfg.grad_accum)
+        sparse = cfg.sparse_users
+        if acc.num_processes > 1:
+            # DDP all-reduces dense gradients; row-sparse tables are a single-process path.
+            if sparse == "on":
+                raise ValueError("--sparse-users on needs a single process; use auto or off")
+            sparse = "off"
+        optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, sparse_users=sparse)
+        scheduler = build_scheduler(optimizer, total_steps, cfg.warmup_ratio, cfg.schedule)
+        self.wrapped, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
+        self.progress = Progress()
+        if resume:
+            self._restore()
+        self.best_val: dict | None = None  # validation metrics of the best checkpoint, if known
+        write_log = self.out is not None and acc.is_main_process
+        self.log = (self.out / "train_log.jsonl").open("a") if write_log else None
+        self.started = time.time() - self.progress.seconds
+
+    # ------------------------------------------------------------------------------- setup
+    def _clear_previous_run(self, resume: bool) -> None:
+        if self.out is None:
+            return
+        if self.acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            for name in RUN_STATE if not resume else ():
+                path = self.out / name
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink(missing_ok=True)
+        self.acc.wait_for_everyone()
+
+    def _restore(self) -> None:
+        last = resolve_checkpoint(self.out / "checkpoints" / "last") if self.out else None
+        if last is None:
+            where = self.out / "checkpoints" if self.out else "(no output directory)"
+            raise TrainingError(f"--resume: no checkpoint in {where}; start without --resume")
+        state = load_checkpoint(last, self.model, self.optimizer, self.scheduler)
+        self.progress = Progress(**state)
+
+    # ------------------------------------------------------------------------------ stages
+    def in_warmup(self, epoch: int) -> bool:
+        """The shared warm-up routes every row to user 0, in training and in validation."""
+        return epoch < self.cfg.warmup_epochs
+
+    def _begin_epoch(self, epoch: int) -> None:
+        """At the end of the warm-up, row 0 becomes the population: every user starts there
+        with fresh Adam state, and best-checkpoint selection starts over (a warm-up checkpoint
+        is not a personal model; the population stays reachable through the strength)."""
+        boundary = self.cfg.warmup_epochs and epoch == self.cfg.warmup_epochs
+        if not boundary or self.progress.step != 0:
+            return
+        model = self.model
+        model.population = population.from_row(model, 0)
+        population.assign(model, model.population)
         for table in model.user_parameters():
-            table.copy_(table[0:1].expand_as(table))
-            optimizer.state.pop(table, None)
+            self.optimizer.optimizer.state.pop(table, None)
+        self.progress.best, self.best_val = None, None
+
+    # ------------------------------------------------------------------------------- epoch
+    def run_epoch(self, epoch: int) -> None:
+        cfg, acc, model, pairs = self.cfg, self.acc, self.model, self.pairs
+        warmup = self.in_warmup(epoch)
+        for batch in self._batches(epoch):
+            if warmup:
+                batch["user_ids"] = torch.zeros_like(batch["user_ids"])
+            with acc.accumulate(self.wrapped):
+                rewards = pairs.rewards(self.wrapped, pairs.train, batch)  # [2B]
+                loss = bt_loss(rewards).mean()
+                if cfg.user_reg and not warmup:
+                    loss = loss + cfg.user_reg * user_pull(model, batch["user_ids"])
+                self._check_finite(loss, epoch)
+                acc.backward(loss)
+                if acc.sync_gradients and cfg.max_grad_norm:
+                    self._clip(cfg.max_grad_norm)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad()
+            self.progress.step += 1
+            self.progress.global_step += int(acc.sync_gradients)
+            self._log_step(epoch, loss, rewards)
+            if self._eval_due():
+                self.checkpoint(self.evaluate(f"step {self.progress.global_step}", epoch))
+                self.wrapped.train()
+        self.progress.epoch, self.progress.step = epoch + 1, 0
+        per_epoch = cfg.select_best and not cfg.eval_every
+        self.checkpoint(self.evaluate(f"epoch {epoch + 1}", epoch) if per_epoch else None)
+
+    def _eval_due(self) -> bool:
+        every, step = self.cfg.eval_every, self.progress.global_step
+        synced = self.acc.sync_gradients
+        return bool(every and self.cfg.select_best and synced and step % every == 0)
+
+    def _batches(self, epoch: int):
+        """This epoch's batches from the current position (mid-epoch after a resume)."""
+        cfg, acc, ds = self.cfg, self.acc, self.pairs.train
+        loader = acc.prepare(
+            DataLoader(
+                ds,
+                batch_size=cfg.batch_size,
+                sampler=_order(ds, cfg, epoch),
+                collate_fn=ds.collate,
+                # A DataLoader draws its seed from the global RNG unless it has its own
+                # generator; that draw would shift the dropout stream after a resume.
+                generator=torch.Generator().manual_seed(0),
+            )
+        )
+        step = self.progress.step
+        skipped = acc.skip_first_batches(loader, step) if step else loader
+        self.wrapped.train()
+        return tqdm(
+            skipped,
+            total=len(loader),
+            initial=step,
+            leave=False,
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            disable=not cfg.progress or not acc.is_local_main_process,
+        )
+
+    def _check_finite(self, loss: torch.Tensor, epoch: int) -> None:
+        if not torch.isfinite(loss):
+            raise TrainingError(
+                f"loss is {loss.item()} at epoch {epoch + 1} step {self.progress.step + 1}; "
+                "lower --lr; the last good checkpoint is in checkpoints/last"
+            )
+
+    def _clip(self, max_norm: float) -> None:
+        if self.model.router.sparse_grads:
+            clip_grad_norm_(self.model.parameters(), max_norm)
+        else:
+            self.acc.clip_grad_norm_(self.model.parameters(), max_norm)
+
+    def _log_step(self, epoch: int, loss: torch.Tensor, rewards: torch.Tensor) -> None:
+        chosen, rejected = rewards.detach().chunk(2)
+        accuracy = pair_correct(chosen - rejected).mean().item()  # a tie counts half
+        self._write_log(
+            event="step",
+            epoch=epoch,
+            step=self.progress.step,
+            global_step=self.progress.global_step,
+            loss=loss.item(),
+            accuracy=accuracy,
+            lr=self.scheduler.get_last_lr()[0],
+        )
+
+    def _write_log(self, **record) -> None:
+        if self.log:
+            self.log.write(json.dumps(record) + "\n")
+
+    # ------------------------------------------------------------------ evaluate/checkpoint
+    def evaluate(self, tag: str, epoch: int | None = None) -> dict | None:
+        """Validation metrics of the model as it is now (``None`` without validation data);
+        during the warm-up (``epoch`` in it) routed as the warm-up trains."""
+        pairs = self.pairs
+        if pairs.val is None:
+            return None
+        warmup = epoch is not None and self.in_warmup(epoch)
+        margins = predict_margins(
+            self.wrapped, pairs.val, self.cfg.batch_size, self.acc, pairs.rewards, warmup
+        )
+        users = self.model.users.decode(pairs.val.user_ids)
+        metrics = summarize(users, margins, self.model.adapter_config.method, "val", bootstrap=0)
+        self._write_log(
+            event="eval",
+            at=tag,
+            **asdict(self.progress),
+            val_macro_accuracy=metrics["macro_accuracy"],
+            val_loss=metrics["loss"],
+        )
+        return metrics
+
+    def checkpoint(self, metrics: dict | None) -> None:
+        """``checkpoints/last`` always, ``checkpoints/best`` when ``metrics`` beat the best."""
+        progress, acc = self.progress, self.acc
+        progress.seconds = time.time() - self.started
+        if self.out is None:
+            return
+        # Every process holds the (gathered) metrics, so all agree on what is best.
+        better = metrics and (progress.best is None or metrics["macro_accuracy"] > progress.best)
+        if better:
+            progress.best, self.best_val = metrics["macro_accuracy"], metrics
+        if acc.is_main_process:
+            state = (self.model, self.optimizer, self.scheduler, asdict(progress))
+            if better:
+                save_checkpoint(self.out / "checkpoints" / "best", *state)
+            save_checkpoint(self.out / "checkpoints" / "last", *state)
+        acc.wait_for_everyone()  # no process reads a checkpoint before it is written
+
+    # ------------------------------------------------------------------------------ finish
+    def finish(self) -> dict:
+        """Best checkpoint of this run, strength, summary; writes the model and metrics."""
+        cfg, model, acc, out = self.cfg, self.model, self.acc, self.out
+        metrics = None
+        if out is not None and self.progress.best is not None:
+            model.load_trainable(out / "checkpoints" / "best" / "model" / "adapters.safetensors")
+            metrics = self.best_val
+        metrics = metrics or self.evaluate("final")
+        strength, metrics, tried = apply_strength(model, cfg.strength, metrics, self.evaluate)
+        summary = {
+            "config": asdict(cfg),
+            "train_pairs": len(self.pairs.train),
+            "val_pairs": len(self.pairs.val) if self.pairs.val else 0,
+            "truncated_texts": self.pairs.truncated,
+            "steps": self.progress.global_step,
+            "processes": acc.num_processes,
+            "seconds": round(self.progress.seconds, 1),
+            "sparse_users": model.router.sparse_grads,
+            "deterministic": cfg.deterministic,
+            "prefix_cache": "frozen blocks cached, run in eval mode (no dropout there)"
+            if self.pairs.cache is not None
+            else None,
+            "best_val_macro_accuracy": self.progress.best,
+            "strength": strength,
+            "strength_val": {
+                str(g): {"macro_accuracy": m["macro_accuracy"], "loss": m["loss"]}
+                for g, m in sorted(tried.items())
+            },
+            "parameters": model.parameter_report(),
+        }
+        if out is not None and acc.is_main_process:
+            model.save_pretrained(out, training=summary)
+            if metrics:
+                write_json(out / "val_metrics.json", metrics)
+        if self.log:
+            self.log.close()
+        acc.wait_for_everyone()
+        return {"summary": summary, "val_metrics": metrics, "prefix_cache": self.pairs.cache}
+
+    def run(self) -> dict:
+        for epoch in range(self.progress.epoch, self.cfg.epochs):
+            self._begin_epoch(epoch)
+            self.run_epoch(epoch)
+        return self.finish()
 
 
 def train(
@@ -167,236 +396,18 @@ def train(
     resume: bool = False,
     prefix_cache: PrefixCache | None = None,
 ) -> dict:
-    """Train ``model`` in place with the Bradley-Terry loss; returns a summary.
+    """Train ``model`` in place with the Bradley-Terry loss; returns ``{"summary",
+    "val_metrics", "prefix_cache"}``.
 
     With ``output_dir`` it writes ``train_log.jsonl``, checkpoints (``checkpoints/last`` every
     epoch, ``checkpoints/best`` on validation), the final model (the best on validation when
     there is one) and, with validation data, ``val_metrics.json``. ``resume`` continues from
     ``checkpoints/last`` exactly: weights, optimizer, schedule, RNG and data position.
-    ``prefix_cache``: a cache over the same backbone to reuse (see ``sharelora.prefix``); the
-    one used is returned as ``result["prefix_cache"]``.
     """
-    lock = None
-    # The launcher's RANK: building accelerate's state here would fix it before the
-    # Accelerator below picks the distributed type.
-    if output_dir is not None and os.environ.get("RANK", "0") == "0":
-        lock = OutputLock(output_dir)  # two runs writing one directory would corrupt it
-        lock.acquire()
-    try:
-        return _train(
-            model, train_data, val_data, config or TrainConfig(), output_dir, resume, prefix_cache
+    config = config or TrainConfig()
+    # The lock: two runs writing one directory would corrupt it.
+    with run_lock(output_dir), deterministic_mode(config.deterministic):
+        trainer = Trainer(
+            model, train_data, val_data, config, output_dir, resume, prefix_cache
         )
-    finally:
-        if lock is not None:
-            lock.release()
-
-
-def _train(model, train_data, val_data, cfg: TrainConfig, output_dir, resume, prefix_cache):
-    unknown = sorted({c.user for c in train_data} - set(model.users))
-    if unknown:
-        raise ValueError(f"training users not in the model: {', '.join(unknown[:5])}")
-    set_seed(cfg.seed)
-    model.max_length = cfg.max_length
-    on_cpu = not torch.cuda.is_available() and not torch.backends.mps.is_available()
-    acc = Accelerator(
-        # Without cpu=True, processes started by a launcher on a GPU-less machine each train
-        # alone instead of forming one gloo group.
-        cpu=on_cpu,
-        gradient_accumulation_steps=cfg.grad_accum,
-        mixed_precision="bf16" if torch.cuda.is_available() else "no",
-        dataloader_config=DataLoaderConfiguration(split_batches=True),
-    )
-    out = Path(output_dir) if output_dir else None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    start = None  # the population model personal training starts from, when there is one
-    population_file = out / "checkpoints" / "population.safetensors" if out else None
-    if population_file and not resume and acc.is_main_process:
-        population_file.unlink(missing_ok=True)  # a previous run's
-    if cfg.init_from:
-        from .model import PersonalizedRewardModel
-
-        model.start_from(PersonalizedRewardModel.from_pretrained(cfg.init_from))
-        start = snapshot(model)
-    cache = None
-    if model.adapter_config.top_layers and cfg.cache_prefix:
-        model.to(acc.device)
-        cache = PrefixCache(model, store=prefix_cache)
-    run = PairRun(model, train_data, val_data, cfg.max_length, cache, cfg.progress)
-    batches = math.ceil(len(run.train) / cfg.batch_size)
-    total_steps = cfg.epochs * math.ceil(batches / cfg.grad_accum)
-    sparse = cfg.sparse_users
-    if acc.num_processes > 1:
-        # DDP all-reduces dense gradients; row-sparse tables are a single-process path.
-        if sparse == "on":
-            raise ValueError("--sparse-users on needs a single process; use auto or off")
-        sparse = "off"
-    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, sparse_users=sparse)
-    scheduler = build_scheduler(optimizer, total_steps, cfg.warmup_ratio, cfg.schedule)
-    wrapped, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
-    progress = {"epoch": 0, "step": 0, "global_step": 0, "best": None, "seconds": 0.0}
-    if resume:
-        last = resolve_checkpoint(out / "checkpoints" / "last") if out else None
-        if last is None:
-            raise TrainingError(
-                f"--resume: no checkpoint in {out / 'checkpoints' if out else '(no output)'}; "
-                "start without --resume"
-            )
-        progress = load_checkpoint(last, model, optimizer, scheduler)
-        if population_file is not None and population_file.exists():
-            start = load_file(population_file)
-    log = (out / "train_log.jsonl").open("a") if out and acc.is_main_process else None
-    started = time.time() - progress["seconds"]
-
-    def evaluate_val(tag):
-        if run.val is None:
-            return None
-        margins = predict_margins(wrapped, run.val, cfg.batch_size, acc, run.rewards)
-        users = model.users.decode(run.val.user_ids)
-        metrics = summarize(users, margins, model.adapter_config.method, "val", bootstrap=0)
-        if log:
-            log.write(
-                json.dumps(
-                    {
-                        "event": "eval",
-                        "at": tag,
-                        **progress,
-                        "val_macro_accuracy": metrics["macro_accuracy"],
-                        "val_loss": metrics["loss"],
-                    }
-                )
-                + "\n"
-            )
-        return metrics
-
-    best_metrics = {}
-
-    def checkpoint(metrics):
-        progress["seconds"] = time.time() - started
-        if out is None:
-            return
-        # Every process keeps the metrics (they are gathered), so all skip re-evaluating.
-        if metrics and (progress["best"] is None or metrics["macro_accuracy"] > progress["best"]):
-            progress["best"] = metrics["macro_accuracy"]
-            best_metrics["val"] = metrics
-            if acc.is_main_process:
-                save_checkpoint(out / "checkpoints" / "best", model, optimizer, scheduler, progress)
-        if acc.is_main_process:
-            save_checkpoint(out / "checkpoints" / "last", model, optimizer, scheduler, progress)
-
-    for epoch in range(progress["epoch"], cfg.epochs):
-        if cfg.warmup_epochs and epoch == cfg.warmup_epochs and progress["step"] == 0:
-            _broadcast_first_user(model, optimizer.optimizer)
-            start = snapshot(model)
-        keep = start is not None and population_file and acc.is_main_process
-        if keep and not population_file.exists():  # for --resume
-            population_file.parent.mkdir(parents=True, exist_ok=True)
-            save_file(start, population_file)
-        loader = acc.prepare(
-            DataLoader(
-                run.train,
-                batch_size=cfg.batch_size,
-                sampler=_order(run.train, cfg, epoch),
-                collate_fn=run.train.collate,
-                generator=_loader_generator(),
-            )
-        )
-        skipped = acc.skip_first_batches(loader, progress["step"]) if progress["step"] else loader
-        wrapped.train()
-        bar = tqdm(
-            skipped,
-            total=len(loader),
-            initial=progress["step"],
-            leave=False,
-            desc=f"epoch {epoch + 1}/{cfg.epochs}",
-            disable=not cfg.progress or not acc.is_local_main_process,
-        )
-        for batch in bar:
-            if epoch < cfg.warmup_epochs:
-                batch["user_ids"] = torch.zeros_like(batch["user_ids"])
-            with acc.accumulate(wrapped):
-                losses = bt_loss(run.rewards(wrapped, run.train, batch))
-                loss = losses.mean()
-                if cfg.user_reg and epoch >= cfg.warmup_epochs:
-                    loss = loss + cfg.user_reg * user_pull(model, batch["user_ids"])
-                if not torch.isfinite(loss):
-                    raise TrainingError(
-                        f"loss is {loss.item()} at epoch {epoch + 1} step {progress['step'] + 1}; "
-                        "lower --lr; the last good checkpoint is in checkpoints/last"
-                    )
-                acc.backward(loss)
-                if acc.sync_gradients and cfg.max_grad_norm:
-                    if model.router.sparse_grads:
-                        clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                    else:
-                        acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            progress["step"] += 1
-            progress["global_step"] += int(acc.sync_gradients)
-            acc_batch = (losses.detach() < math.log(2)).float().mean().item()
-            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc_batch:.2f}")
-            if log:
-                log.write(
-                    json.dumps(
-                        {
-                            "event": "step",
-                            "epoch": epoch,
-                            **{k: progress[k] for k in ("step", "global_step")},
-                            "loss": loss.item(),
-                            "accuracy": acc_batch,
-                            "lr": scheduler.get_last_lr()[0],
-                        }
-                    )
-                    + "\n"
-                )
-            if (
-                cfg.eval_every
-                and cfg.select_best
-                and acc.sync_gradients
-                and progress["global_step"] % cfg.eval_every == 0
-            ):
-                checkpoint(evaluate_val(f"step {progress['global_step']}"))
-                wrapped.train()
-        progress["epoch"], progress["step"] = epoch + 1, 0
-        per_epoch = cfg.select_best and not cfg.eval_every
-        checkpoint(evaluate_val(f"epoch {epoch + 1}") if per_epoch else None)
-    result = _finish(model, run, cfg, out, acc, progress, evaluate_val, start, best_metrics)
-    if log:
-        log.close()
-    return result
-
-
-def _finish(model, run, cfg, out, acc, progress, evaluate_val, start, best_metrics) -> dict:
-    best = out / "checkpoints" / "best" / "model" / "adapters.safetensors" if out else None
-    loaded = best is not None and best.exists()
-    if loaded:
-        model.load_trainable(best)
-    metrics = best_metrics.get("val") if loaded else None
-    metrics = metrics or evaluate_val("final")
-    strength, metrics, tried = apply_strength(model, start, cfg.strength, metrics, evaluate_val)
-    summary = {
-        "config": asdict(cfg),
-        "train_pairs": len(run.train),
-        "val_pairs": len(run.val) if run.val else 0,
-        "truncated_texts": run.truncated,
-        "steps": progress["global_step"],
-        "processes": acc.num_processes,
-        "seconds": round(progress["seconds"], 1),
-        "best_val_macro_accuracy": progress["best"],
-        "strength": strength,
-        "strength_val": {
-            str(g): {"macro_accuracy": m["macro_accuracy"], "loss": m["loss"]}
-            for g, m in sorted(tried.items())
-        },
-        "parameters": model.parameter_report(),
-    }
-    if out and acc.is_main_process:
-        model.save_pretrained(out, training=summary)
-        if metrics:
-            write_json(out / "val_metrics.json", metrics)
-    acc.wait_for_everyone()
-    return {"summary": summary, "val_metrics": metrics, "prefix_cache": run.cache}
+        return trainer.run()

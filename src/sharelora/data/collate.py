@@ -40,6 +40,11 @@ class PairTokenizer:
         self.max_length = max_length
         self.truncated = 0
 
+    def pad(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        """Pad token rows into tensors, always on the right: cached prefix states are laid out
+        by position, and a left pad would shift the positions of a text's tokens."""
+        return self.tokenizer.pad(rows, return_tensors="pt", padding_side="right")
+
     def _cut(self, prompts: list[str], responses: list[str]) -> tuple[list[str], list[str]]:
         """Texts cut at token boundaries so that the pair fits ``max_length``."""
         tok = self.tokenizer
@@ -122,7 +127,7 @@ class PairDataset(Dataset):
         """``2*B`` rows: chosen ``[0, B)``, rejected ``[B, 2B)``, user ids repeated; ``index``
         ``[B]`` gives each pair's position in the dataset."""
         rows = [item[0] for item in items] + [item[1] for item in items]
-        batch = dict(self.encoder.tokenizer.pad(rows, return_tensors="pt"))
+        batch = dict(self.encoder.pad(rows))
         ids = torch.tensor([item[2] for item in items], dtype=torch.long)
         batch["user_ids"] = torch.cat([ids, ids])
         batch["index"] = torch.tensor([item[3] for item in items], dtype=torch.long)
