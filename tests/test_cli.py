@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 from conftest import opposite_tastes
@@ -368,7 +370,13 @@ def test_train_init_from_shared_at_strength_zero_is_the_shared_model(
     argv = ["train", "--init-from", str(tmp_path / "s"), "--strength", "0", *common]
     assert main([*argv, "--output", str(tmp_path / "p")]) == 0
     shared, personal = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in "sp")
-    assert personal["users"] == shared["users"]
+    # Per-user tables run through bmm, the shared model through one matmul: the same numbers
+    # in a different order, so losses agree to float rounding and accuracies exactly.
+    assert personal["users"].keys() == shared["users"].keys()
+    for user, got in personal["users"].items():
+        want = shared["users"][user]
+        assert (got["accuracy"], got["n"]) == (want["accuracy"], want["n"])
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-6, abs=1e-7)
     saved = json.loads((tmp_path / "p" / "sharelora.json").read_text())["training"]
     assert saved["strength"] == 0.0 and saved["config"]["init_from"] == str(tmp_path / "s")
 
@@ -384,3 +392,29 @@ def test_adapt_top_layers_is_another_name_for_top_layers():
     argv = ["train", "--data", "d.jsonl", "--output", "o"]
     assert parse_args([*argv, "--adapt-top-layers", "2"]).top_layers == 2
     assert parse_args([*argv, "--top-layers", "2"]).top_layers == 2
+
+
+def test_the_command_line_parses_without_importing_torch():
+    # `sharelora --help` must answer at once: no torch, transformers or accelerate import.
+    code = (
+        "import sys, sharelora.cli as c; c.build_parser().parse_args(['train', '--help'])"
+    )
+    probe = "import sharelora.cli, sys; assert 'torch' not in sys.modules, 'torch imported'"
+    assert subprocess.run([sys.executable, "-c", probe]).returncode == 0
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert "--deterministic" in out.stdout
+
+
+def test_onboard_into_the_models_own_directory(tiny_text_backbone, data_file, tmp_path):
+    model = tmp_path / "m"
+    common = ["--backbone", tiny_text_backbone, "--test", "0", *TINY]
+    assert main(["train", "--data", data_file, "--output", str(model), *common]) == 0
+    assert (model / "checkpoints" / "best").exists()  # a best of 2 users would not load
+    new = _write_data(
+        tmp_path / "new.jsonl",
+        [{"chosen": "yes a", "rejected": "no b", "user": "cloudy"}] * 4,
+    )
+    argv = ["onboard", "--model", str(model), "--data", new, "--output", str(model)]
+    argv += ["--epochs", "1", "--no-progress"]
+    assert main(argv) == 0
+    assert json.loads((model / "users.json").read_text())["users"][-1] == "cloudy"

@@ -21,7 +21,14 @@ from sharelora.data import (
     read_preferences,
     split_per_user,
 )
-from sharelora.data.builders import build_helpsteer2, build_tldr, helpsteer2_rows, tldr_rows
+from sharelora.data.builders import (
+    build_helpsteer2,
+    build_tldr,
+    helpsteer2_rows,
+    tldr_rows,
+    validation_path,
+)
+from sharelora.data.builders import write_jsonl as write_rows
 from sharelora.data.demo import ceiling_accuracy, generate
 
 GOOD = [
@@ -304,3 +311,34 @@ def test_batches_stack_chosen_then_rejected(tokenizer):
         len(x) for x in ds_.rejected["input_ids"]
     ]
     assert torch.equal(batch["input_ids"][0, :8], torch.tensor(ds_.chosen["input_ids"][0][:8]))
+
+
+def test_a_user_whose_groups_all_fall_outside_train_is_dropped_and_counted():
+    # "lonely" judged two items only; with a seed that puts both in val/test the user would
+    # have rows to evaluate but no row to train on.
+    data = _rows(groups=True)
+    split = SplitConfig(val=0.2, test=0.3, seed=0)
+    base = split_per_user(data, split)
+    outside = sorted({x.group for x in base.val + base.test})[:2]
+    lonely = [Comparison("p", f"a{g}", f"b{g}", "lonely", g) for g in outside]
+    s = split_per_user(data + lonely, split)
+    assert "lonely" not in s.users and "lonely" not in s.manifest["users"]
+    assert s.manifest["dropped_without_training_rows"]["lonely"]["train"] == 0
+    assert all(x.user != "lonely" for x in s.val + s.test)
+
+
+def test_holdout_of_every_user_is_a_clear_error():
+    with pytest.raises(DataError, match="--holdout-users 2 leaves no user to train on"):
+        split_per_user(_rows(n_users=2), SplitConfig(holdout_users=2))
+    with pytest.raises(DataError, match="--holdout-users 5 leaves no user"):
+        split_per_user(_rows(n_users=2), SplitConfig(holdout_users=5))  # not "Sample larger"
+
+
+def test_gz_output_is_gzip_and_reads_back(tmp_path):
+    out = tmp_path / "prefs.jsonl.gz"
+    rows = [{"prompt": "p", "chosen": "a", "rejected": "b", "user": "u"}]
+    assert write_rows(rows, out) == 1
+    with gzip.open(out, "rt") as f:
+        assert json.loads(f.readline()) == rows[0]
+    assert read_preferences(str(out))[0][0].chosen == "a"
+    assert validation_path(out).name == "prefs.validation.jsonl.gz"

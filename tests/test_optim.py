@@ -7,6 +7,7 @@ import torch
 from conftest import randomize, tiny_batch
 
 from sharelora import METHODS, AdapterConfig, PersonalAdamW, PersonalizedRewardModel
+from sharelora.config import SPARSE_USERS_THRESHOLD
 from sharelora.optim import build_optimizer, clip_grad_norm_
 
 PERSONAL = [m for m in METHODS if m != "shared"]
@@ -114,3 +115,14 @@ def test_user_groups_never_decay(tiny_dirs):
         PersonalAdamW([{"params": model.user_parameters(), "lazy": True, "weight_decay": 0.1}])
     with pytest.raises(ValueError, match="sparse_users must be one of"):
         build_optimizer(model, sparse_users="sometimes")
+
+
+def test_build_optimizer_defaults_to_auto_like_the_command_line(tiny_dirs):
+    few = _model(tiny_dirs["bert"], "sharelora")
+    build_optimizer(few)
+    assert few.router.sparse_grads is False
+    many = _model(tiny_dirs["bert"], "diag", users=[f"u{i}" for i in range(SPARSE_USERS_THRESHOLD)])
+    build_optimizer(many)
+    assert many.router.sparse_grads is True
+    with pytest.raises(TypeError):
+        build_optimizer(few, user_lr=1e-3)  # never used, so no longer accepted

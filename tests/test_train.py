@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
-from conftest import opposite_tastes
+from conftest import opposite_tastes, randomize, save_text_backbone
 
 from sharelora import AdapterConfig, PersonalizedRewardModel, population
 from sharelora import train as train_module
+from sharelora.data import Comparison, PairDataset, PairTokenizer
 from sharelora.evaluate import evaluate
 from sharelora.train import TrainConfig, TrainingError, train
 
@@ -50,7 +53,10 @@ def test_resume_equals_uninterrupted(
     # With a warm-up the cut falls in the personal stage: the strength chosen at the end needs
     # the population saved at the end of the warm-up.
     data = opposite_tastes(12)
-    cfg = _cfg(epochs=3, batch_size=4, eval_every=2, warmup_epochs=warmup_epochs)
+    # Exact resume is as exact as the run itself: bit-identical runs need deterministic kernels.
+    cfg = _cfg(
+        epochs=3, batch_size=4, eval_every=2, warmup_epochs=warmup_epochs, deterministic=True
+    )
     kw = {"dropout": 0.1, "top_layers": top_layers}  # dropout: RNG state must be restored too
     full = _model(tiny_text_backbone, **kw)
     expected = train(full, data, data[:6], cfg, tmp_path / "full")["summary"]
@@ -148,3 +154,96 @@ def test_user_reg_pulls_users_toward_their_mean(tiny_text_backbone, sparse_users
     assert spreads[1] < 0.75 * spreads[0], spreads  # Adam moves each coordinate <= lr a step
     with pytest.raises(ValueError, match="user_reg must be >= 0"):
         TrainConfig(user_reg=-1.0)
+
+
+def _same_weights(a, b) -> bool:
+    x, y = a.trainable_state_dict(), b.trainable_state_dict()
+    return all(torch.equal(x[k], y[k]) for k in x)
+
+
+@pytest.mark.parametrize("select_best", [True, False])
+def test_a_fresh_run_never_reads_the_previous_runs_state(tiny_text_backbone, tmp_path, select_best):
+    data, val = opposite_tastes(12), opposite_tastes(4, seed=1)
+    # The first run leaves a best checkpoint of a different model (another rank's tensors
+    # would not even load) in the directory.
+    first = _model(tiny_text_backbone)
+    train(first, data, val, _cfg(epochs=2, batch_size=4, lr=2e-2), tmp_path / "run")
+    assert (tmp_path / "run" / "checkpoints" / "best").exists()
+    cfg = _cfg(epochs=1, batch_size=4, select_best=select_best, seed=3)
+    again, fresh = _model(tiny_text_backbone), _model(tiny_text_backbone)
+    train(again, data, None if select_best else val, cfg, tmp_path / "run")
+    train(fresh, data, None if select_best else val, cfg, tmp_path / "fresh")
+    assert _same_weights(again, fresh)
+    saved = PersonalizedRewardModel.from_pretrained(tmp_path / "run")
+    assert _same_weights(saved, fresh)
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").open()]
+    steps = [r["global_step"] for r in log if r["event"] == "step"]
+    assert steps == [1, 2, 3, 4, 5, 6]  # this run's steps, nothing older
+
+
+def test_warmup_validates_as_it_trains_and_selection_restarts(tiny_text_backbone):
+    model = _model(tiny_text_backbone, user_init="independent")
+    cfg = _cfg(epochs=2, warmup_epochs=1, batch_size=8)
+    trainer = train_module.Trainer(model, opposite_tastes(8), opposite_tastes(6, seed=1), cfg)
+    randomize(model)  # users differ
+    warm, personal = trainer.evaluate("w", epoch=0), trainer.evaluate("p", epoch=1)
+    population.assign(model, population.from_row(model, 0))
+    routed = trainer.evaluate("p", epoch=1)
+    assert warm["loss"] == routed["loss"] != personal["loss"]
+    trainer.progress.best = 0.9  # a warm-up checkpoint is not a personal model
+    trainer._begin_epoch(1)
+    assert trainer.progress.best is None and model.population is not None
+
+
+def test_every_checkpoint_write_is_followed_by_a_barrier(tiny_text_backbone, tmp_path, monkeypatch):
+    events = []
+    real_save = train_module.save_checkpoint
+    monkeypatch.setattr(
+        train_module,
+        "save_checkpoint",
+        lambda d, *a: (events.append(f"save {d.name}"), real_save(d, *a)),
+    )
+    from accelerate import Accelerator
+
+    monkeypatch.setattr(Accelerator, "wait_for_everyone", lambda self: events.append("barrier"))
+    cfg = _cfg(epochs=2, batch_size=8)
+    train(_model(tiny_text_backbone), opposite_tastes(8), opposite_tastes(4, seed=1), cfg, tmp_path)
+    saves = [i for i, e in enumerate(events) if e.startswith("save")]
+    # After each run of saves (best, then last) the next event is a barrier.
+    for i in saves:
+        after = next(e for e in events[i:] if not e.startswith("save"))
+        assert after == "barrier", events
+    assert "save best" in events  # and best is only read after one
+
+
+def test_training_log_counts_a_tie_as_half(tmp_path):
+    # chosen == rejected and no dropout: every margin is exactly 0, which metrics.json counts
+    # as half right.
+    backbone = save_text_backbone(
+        tmp_path / "bb", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
+    )
+    ties = [Comparison("q?", "same reply", "same reply", u) for u in ("sunny", "rainy") * 4]
+    train(_model(backbone), ties, None, _cfg(epochs=1, batch_size=8), tmp_path / "run")
+    steps = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").open()]
+    assert [s["accuracy"] for s in steps if s["event"] == "step"] == [0.5]
+
+
+def test_deterministic_runs_are_bit_identical_and_restore_the_global_flag(tiny_text_backbone):
+    models = []
+    for _ in range(2):
+        models.append(_model(tiny_text_backbone, dropout=0.1))
+        cfg = _cfg(epochs=2, batch_size=4, deterministic=True, sparse_users="on")
+        result = train(models[-1], opposite_tastes(8), None, cfg)
+        assert result["summary"]["deterministic"] is True
+    assert _same_weights(*models)
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_prefix_cache_pads_right_and_says_it_runs_without_dropout(tiny_text_backbone):
+    model = _model(tiny_text_backbone, top_layers=1)
+    model.tokenizer.padding_side = "left"  # a decoder tokenizer's usual setting
+    result = train(model, opposite_tastes(6), None, _cfg(epochs=1, batch_size=6))
+    assert "no dropout" in result["summary"]["prefix_cache"]
+    ds = PairDataset(opposite_tastes(3), model.users, PairTokenizer(model.tokenizer, 32))
+    mask = ds.collate([ds[i] for i in range(len(ds))])["attention_mask"]
+    assert bool((mask[:, 0] == 1).all())  # every row starts with real tokens

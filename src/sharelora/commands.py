@@ -63,6 +63,12 @@ def _split(args, data):
         holdout_users=args.holdout_users,
     )
     splits = split_per_user(data, cfg)
+    dropped = splits.manifest["dropped_without_training_rows"]
+    if dropped:
+        _log(
+            f"split: dropped {len(dropped)} user(s) whose every group fell in val/test (no "
+            f"training row): {', '.join(list(dropped)[:5])}"
+        )
     _log(
         f"split: {len(splits.users)} users; train {len(splits.train)}, val {len(splits.val)}, "
         f"test {len(splits.test)} comparisons"
@@ -129,7 +135,8 @@ def cmd_eval(args) -> None:
 
 
 def cmd_score(args) -> None:
-    from .data.read import DataError, jsonl_rows
+    from .data.read import jsonl_rows
+    from .data.records import DataError
     from .model import PersonalizedRewardModel
     from .score import score_texts
 

@@ -1,7 +1,8 @@
 """Preference data: reading, validation, per-user splits, builders and batching."""
 
 from .collate import PairDataset, PairTokenizer
-from .read import Columns, Comparison, DataError, ReadReport, read_preferences
+from .read import ReadReport, read_preferences
+from .records import Columns, Comparison, DataError
 from .split import SplitConfig, Splits, split_per_user
 
 __all__ = [

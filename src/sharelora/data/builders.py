@@ -7,12 +7,13 @@ directory in the hub's layout) and write our JSONL: ``prompt, chosen, rejected, 
 from __future__ import annotations
 
 import collections
+import gzip
 import json
 import random
 from collections.abc import Iterable
 from pathlib import Path
 
-from .read import DataError
+from .records import DataError
 
 TLDR_SOURCE = "openai/summarize_from_feedback"
 HELPSTEER2_SOURCE = "nvidia/HelpSteer2"
@@ -33,14 +34,24 @@ def _load(source: str, config: str | None, split: str):
 
 
 def write_jsonl(rows: Iterable[dict], path: str | Path) -> int:
+    """Write rows as JSON lines, gzip-compressed when ``path`` ends in ``.gz``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     n = 0
-    with open(path, "w", encoding="utf-8") as f:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "wt", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
             n += 1
     return n
+
+
+def validation_path(output: Path) -> Path:
+    """``train.jsonl`` -> ``train.validation.jsonl``; ``x.jsonl.gz`` -> ``x.validation.jsonl.gz``
+    (every suffix stays, so the reader still knows the format)."""
+    suffixes = "".join(output.suffixes[-2:] if output.suffix == ".gz" else output.suffixes[-1:])
+    stem = output.name[: len(output.name) - len(suffixes)]
+    return output.with_name(stem + ".validation" + suffixes)
 
 
 # ------------------------------------------------------------------------------------- TL;DR
@@ -103,7 +114,7 @@ def build_tldr(output: str | Path, top_k: int = 5, seed: int = 0, source: str = 
     workers = [w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top_k]]
     val = tldr_rows(_load(source, "comparisons", "validation"))
     output = Path(output)
-    val_path = output.with_name(output.stem + ".validation" + output.suffix)
+    val_path = validation_path(output)
     n_train = write_jsonl(balance_workers(train, workers, seed), output)
     n_val = write_jsonl(balance_workers(val, workers, seed), val_path)
     return {
@@ -157,7 +168,7 @@ def build_helpsteer2(
 ):
     """Writes ``OUTPUT`` (from the hub's train split) and ``OUTPUT`` with ``.validation``."""
     output = Path(output)
-    val_path = output.with_name(output.stem + ".validation" + output.suffix)
+    val_path = validation_path(output)
     n_train = write_jsonl(helpsteer2_rows(_load(source, None, "train"), ties, seed), output)
     n_val = write_jsonl(helpsteer2_rows(_load(source, None, "validation"), ties, seed), val_path)
     return {

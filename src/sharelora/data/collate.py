@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..users import UserVocab
-from .read import Comparison
+from .records import Comparison
 
 
 def feature_rows(features: dict[str, list]) -> list[dict]:

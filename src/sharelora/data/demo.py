@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import random
 
-from .read import Comparison, DataError
+from .records import Comparison, DataError
 
 USERS = ["ava", "ben", "chen", "dara", "eli", "fatima", "gus", "hana", "ivan", "jo"]
 PROPERTIES = ["long", "formal", "bullets", "hedged", "technical", "warm"]

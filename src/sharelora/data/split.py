@@ -9,7 +9,7 @@ import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .read import Comparison, DataError
+from .records import Comparison, DataError
 
 
 @dataclass
@@ -88,7 +88,9 @@ def split_per_user(data: list[Comparison], config: SplitConfig | None = None) ->
 
     With a group column (``Comparison.group``) every group goes to one split for all users, by a
     seeded hash, so one item never sits in two splits. Without it each user's rows are shuffled
-    and cut at the fractions.
+    and cut at the fractions. A user left with no training row (every one of their groups
+    drawn into val/test) is dropped from all splits and listed in the manifest under
+    ``dropped_without_training_rows``.
     """
     cfg = config or SplitConfig()
     by_user: dict[str, list[Comparison]] = collections.defaultdict(list)
@@ -99,12 +101,15 @@ def split_per_user(data: list[Comparison], config: SplitConfig | None = None) ->
         users = sorted(users, key=lambda u: (-len(by_user[u]), u))[: cfg.top_users]
     if not users:
         raise DataError(f"no user has at least {cfg.min_per_user} comparisons (--min-per-user)")
+    if cfg.holdout_users >= len(users):
+        raise DataError(
+            f"--holdout-users {cfg.holdout_users} leaves no user to train on ({len(users)} "
+            "users have enough data)"
+        )
     rng = random.Random(cfg.seed)
     holdout = sorted(rng.sample(sorted(users), cfg.holdout_users)) if cfg.holdout_users else []
-    if len(holdout) >= len(users):
-        raise DataError(f"--holdout-users {cfg.holdout_users} leaves no user to train on")
     parts: dict[str, list[Comparison]] = {"train": [], "val": [], "test": []}
-    counts = {}
+    counts, untrained = {}, {}
     for user in users:
         if user in holdout:
             continue
@@ -123,6 +128,11 @@ def split_per_user(data: list[Comparison], config: SplitConfig | None = None) ->
             mine["train"] = rows[n_test + n_val :]
         if cfg.max_per_user is not None:
             mine["train"] = mine["train"][: cfg.max_per_user]
+        if not mine["train"]:
+            # Every group of this user fell in val/test: a model cannot score a user it never
+            # trained, so the user is dropped (and counted) rather than failing evaluation.
+            untrained[user] = {part: len(rows_) for part, rows_ in mine.items()}
+            continue
         for part, rows_ in mine.items():
             parts[part].extend(rows_)
         counts[user] = {part: len(rows_) for part, rows_ in mine.items()}
@@ -131,8 +141,14 @@ def split_per_user(data: list[Comparison], config: SplitConfig | None = None) ->
         "config": asdict(cfg),
         "users": counts,
         "holdout_users": {u: len(by_user[u]) for u in holdout},
+        "dropped_without_training_rows": untrained,
         "sizes": {part: len(rows) for part, rows in parts.items()} | {"holdout": len(held)},
         "sha256": {part: _fingerprint(rows) for part, rows in parts.items()}
         | {"holdout": _fingerprint(held)},
     }
+    if not counts:
+        raise DataError(
+            f"no user has a training comparison after the split ({len(untrained)} users had "
+            "all their groups in val/test); lower --val/--test or check --group-col"
+        )
     return Splits(parts["train"], parts["val"], parts["test"], held, manifest)
