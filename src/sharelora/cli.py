@@ -195,6 +195,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("merged", "peft"), default="merged")
     p.add_argument("--output", required=True)
 
+    p = sub.add_parser("serve", help="serve rewards over HTTP (OpenRLHF /get_reward, /score)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: local)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--batch-size", type=int, default=64, help="rows per forward pass")
+    p.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=5.0,
+        help="how long a request waits for others to share its forward pass",
+    )
+    p.add_argument("--unknown-user", choices=("error", "population"), default="error")
+
     p = sub.add_parser("plan", help="parameter and memory budget per method, from the config")
     p.add_argument("--users", type=int, required=True, help="number of users N")
     p.add_argument("--backbone", default=DEFAULT_BACKBONE, help="hub id or local directory")

@@ -16,23 +16,19 @@ def _log(*parts) -> None:
     print(*parts, file=sys.stderr, flush=True)
 
 
+def _config(cls, args, **extra):
+    """A config dataclass (``AdapterConfig``, ``TrainConfig``, ``SplitConfig``) from the parsed
+    flags of the same names; flags a command lacks keep the dataclass defaults."""
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in vars(args).items() if k in names}, **extra)
+
+
 def _adapter_config(args) -> AdapterConfig:
-    return AdapterConfig(
-        method=args.method,
-        rank=args.rank,
-        alpha=args.alpha,
-        dropout=args.dropout,
-        targets=args.targets,
-        user_init=args.user_init,
-        top_layers=args.top_layers,
-    )
+    return _config(AdapterConfig, args)
 
 
 def _train_config(args) -> TrainConfig:
-    names = {f.name for f in fields(TrainConfig)}
-    return TrainConfig(
-        **{k: v for k, v in vars(args).items() if k in names}, progress=not args.no_progress
-    )
+    return _config(TrainConfig, args, progress=not args.no_progress)
 
 
 def _read(args, source: str | None = None):
@@ -53,16 +49,7 @@ def _read(args, source: str | None = None):
 def _split(args, data):
     from .data import SplitConfig, split_per_user
 
-    cfg = SplitConfig(
-        val=args.val,
-        test=args.test,
-        seed=args.seed,
-        top_users=args.top_users,
-        min_per_user=args.min_per_user,
-        max_per_user=args.max_per_user,
-        holdout_users=args.holdout_users,
-    )
-    splits = split_per_user(data, cfg)
+    splits = split_per_user(data, _config(SplitConfig, args))
     dropped = splits.manifest["dropped_without_training_rows"]
     if dropped:
         _log(
@@ -295,14 +282,11 @@ def cmd_prepare(args) -> None:
 
 
 def cmd_plan(args) -> None:
-    from .adapters import AdapterConfig
     from .plan import plan_table
 
     if args.users < 1:
         raise UsageError(f"--users must be a positive integer, got {args.users}")
-    adapter = AdapterConfig(
-        method=args.method, rank=args.rank, targets=args.targets, top_layers=args.top_layers
-    )
+    adapter = _adapter_config(args)
     weight_bytes = 4 if args.dtype == "float32" else 2
     table, details = plan_table(
         args.backbone, adapter, args.users, weight_bytes, args.memory_gib, args.trust_remote_code
@@ -310,6 +294,23 @@ def cmd_plan(args) -> None:
     print(table)
     if args.json:
         write_json(args.json, details)
+
+
+def cmd_serve(args) -> None:
+    from .serve import serve
+
+    if args.batch_size < 1 or args.max_wait_ms < 0:
+        raise UsageError("--batch-size must be >= 1 and --max-wait-ms >= 0")
+    _log(f"serving {args.model} on http://{args.host}:{args.port} (/get_reward, /score, /health)")
+    serve(
+        args.model,
+        args.host,
+        args.port,
+        args.device,
+        args.batch_size,
+        args.max_wait_ms,
+        args.unknown_user,
+    )
 
 
 COMMANDS = {
@@ -322,6 +323,7 @@ COMMANDS = {
     "plan": cmd_plan,
     "onboard": cmd_onboard,
     "simulate": cmd_simulate,
+    "serve": cmd_serve,
 }
 
 

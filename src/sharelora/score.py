@@ -9,19 +9,31 @@ import torch
 from .data.collate import PairTokenizer, feature_rows
 
 
-@torch.no_grad()
 def score_texts(
     model,
-    prompts: Sequence[str] | None,
-    responses: Sequence[str],
+    prompts: Sequence | None,
+    responses: Sequence,
     users: Sequence[object],
     batch_size: int = 32,
     unknown_user: str = "error",
 ) -> list[float]:
-    """``r_u(prompt, response)`` for each row; the same tokenization and truncation rule as
-    training. An unknown user raises ``UnknownUserError``, or with
-    ``unknown_user="population"`` is scored with the population adapter (the mean of the
-    trained users' factors)."""
+    """``r_u(prompt, response)`` for each row; the same rendering, tokenization and truncation
+    rule as training. Texts are plain strings or chat messages (``sharelora.render``). An
+    unknown user raises ``UnknownUserError``, or with ``unknown_user="population"`` is scored
+    with the population model (``sharelora.population``)."""
+    return score_rows(model, prompts, responses, users, batch_size, unknown_user)[0]
+
+
+@torch.no_grad()
+def score_rows(
+    model,
+    prompts: Sequence | None,
+    responses: Sequence,
+    users: Sequence[object],
+    batch_size: int = 32,
+    unknown_user: str = "error",
+) -> tuple[list[float], list[bool]]:
+    """``score_texts``, and for each row whether it was cut to the model's ``max_length``."""
     if prompts is None:
         prompts = [""] * len(responses)
     if not (len(prompts) == len(responses) == len(users)):
@@ -30,7 +42,7 @@ def score_texts(
             f"{len(responses)} and {len(users)}"
         )
     if not responses:
-        return []
+        return [], []
     if unknown_user not in ("error", "population"):
         raise ValueError(f"unknown_user must be 'error' or 'population', got {unknown_user!r}")
     ids = None
@@ -47,13 +59,15 @@ def score_texts(
     was_training = model.training
     model.eval()
     rewards: list[float] = []
+    truncated: list[bool] = []
     try:
         for start in range(0, len(responses), batch_size):
             stop = start + batch_size
             features = encoder(prompts[start:stop], responses[start:stop])
+            truncated.extend(encoder.last_truncated)
             batch = encoder.pad(feature_rows(features)).to(device)
             user_ids = ids[start:stop].to(device) if ids is not None else None
             rewards.extend(model(**batch, user_ids=user_ids).tolist())
     finally:
         model.train(was_training)
-    return rewards
+    return rewards, truncated

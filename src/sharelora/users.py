@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import numbers
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -18,8 +19,10 @@ def normalize_user(name: object) -> str:
     """
     if isinstance(name, bool) or name is None:
         raise ValueError(f"user must be a string or an integer, got {name!r}")
-    if isinstance(name, float):
-        if not name.is_integer():
+    if isinstance(name, numbers.Integral):  # NumPy and torch integers too
+        name = int(name)
+    elif isinstance(name, numbers.Real):
+        if not float(name).is_integer():
             raise ValueError(f"user must be a string or an integer, got {name!r}")
         name = int(name)
     if not isinstance(name, (str, int)):

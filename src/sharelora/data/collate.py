@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch.utils.data import Dataset
 
+from ..render import Rendered, render
 from ..users import UserVocab
 from .records import Comparison
 
@@ -38,57 +39,68 @@ class PairTokenizer:
             raise ValueError("a fast (Rust) tokenizer is needed to cut texts at token boundaries")
         self.tokenizer = tokenizer
         self.max_length = max_length
-        self.truncated = 0
+        self.truncated = 0  # rows cut so far
+        self.last_truncated: list[bool] = []  # which rows of the last call were cut
 
     def pad(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         """Pad token rows into tensors, always on the right: cached prefix states are laid out
         by position, and a left pad would shift the positions of a text's tokens."""
         return self.tokenizer.pad(rows, return_tensors="pt", padding_side="right")
 
-    def _cut(self, prompts: list[str], responses: list[str]) -> tuple[list[str], list[str]]:
-        """Texts cut at token boundaries so that the pair fits ``max_length``."""
+    def _cut(self, rows: list[Rendered]) -> list[tuple[str, str]]:
+        """Texts cut at token boundaries so that each row fits ``max_length``; records in
+        ``last_truncated`` which rows were cut."""
         tok = self.tokenizer
-        enc_p = tok(prompts, add_special_tokens=False, return_offsets_mapping=True)
-        enc_r = tok(responses, add_special_tokens=False, return_offsets_mapping=True)
-        out_p, out_r = [], []
-        for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+        enc_p = tok([r.prompt for r in rows], add_special_tokens=False, return_offsets_mapping=True)
+        enc_r = tok(
+            [r.response for r in rows], add_special_tokens=False, return_offsets_mapping=True
+        )
+        out, self.last_truncated = [], []
+        for i, row in enumerate(rows):
+            p, r = row.prompt, row.response
             offs_p, offs_r = enc_p["offset_mapping"][i], enc_r["offset_mapping"][i]
-            budget = self.max_length - tok.num_special_tokens_to_add(pair=bool(p))
+            special = 0 if row.templated else tok.num_special_tokens_to_add(pair=bool(p))
+            budget = self.max_length - special
+            cut = True
             if len(offs_r) > budget:
                 r = r[: offs_r[budget - 1][1]] if budget > 0 else ""
                 p = ""
-                self.truncated += 1
             elif len(offs_p) + len(offs_r) > budget:
                 keep = budget - len(offs_r)
                 p = p[offs_p[len(offs_p) - keep][0] :] if keep > 0 else ""
-                self.truncated += 1
-            out_p.append(p)
-            out_r.append(r)
-        return out_p, out_r
+            else:
+                cut = False
+            self.truncated += cut
+            self.last_truncated.append(cut)
+            out.append((p, r))
+        return out
 
-    def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> dict[str, list]:
-        """Token ids (no padding) for each pair: ``{"input_ids": [...], ...}``.
+    def __call__(self, prompts: Sequence, responses: Sequence) -> dict[str, list]:
+        """Token ids (no padding) for each row: ``{"input_ids": [...], ...}``.
 
-        Pair encoding gives encoders their ``[SEP]`` and segment ids; a row with an empty prompt
-        is encoded as a single sequence.
+        Each ``(prompt, response)`` goes through ``sharelora.render.render`` first. Plain text
+        pairs are encoded as text pairs (encoders get their ``[SEP]`` and segment ids; an empty
+        prompt gives a single sequence); chat-template text is encoded as one sequence with no
+        special tokens added (the template holds them).
         """
-        prompts, responses = self._cut(list(prompts), list(responses))
-        with_prompt = [i for i, p in enumerate(prompts) if p]
-        without = [i for i, p in enumerate(prompts) if not p]
-        kw = {"truncation": True, "max_length": self.max_length}
+        rendered = [render(p, r, self.tokenizer) for p, r in zip(prompts, responses, strict=True)]
+        texts = self._cut(rendered)
+        groups: dict[str, list[int]] = {"pair": [], "single": [], "templated": []}
+        for i, (row, (prompt, _)) in enumerate(zip(rendered, texts, strict=True)):
+            groups["templated" if row.templated else "pair" if prompt else "single"].append(i)
         out: dict[str, list] = {}
-        for idx, enc in (
-            (
-                with_prompt,
-                with_prompt
-                and self.tokenizer(
-                    [prompts[i] for i in with_prompt], [responses[i] for i in with_prompt], **kw
-                ),
-            ),
-            (without, without and self.tokenizer([responses[i] for i in without], **kw)),
-        ):
-            for key in enc or {}:
-                column = out.setdefault(key, [None] * len(prompts))
+        for kind, idx in groups.items():
+            if not idx:
+                continue
+            kw = {"truncation": True, "max_length": self.max_length}
+            if kind == "templated":
+                kw["add_special_tokens"] = False
+            if kind == "pair":
+                enc = self.tokenizer([texts[i][0] for i in idx], [texts[i][1] for i in idx], **kw)
+            else:
+                enc = self.tokenizer([texts[i][0] + texts[i][1] for i in idx], **kw)
+            for key in enc:
+                column = out.setdefault(key, [None] * len(texts))
                 for i, value in zip(idx, enc[key], strict=True):
                     column[i] = value
         return out

@@ -10,6 +10,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..render import check_messages
 from ..users import normalize_user
 from .records import Columns, Comparison, DataError
 
@@ -106,9 +107,13 @@ def _check_row(obj: dict, cols: Columns) -> tuple[Comparison | None, str | None,
             continue
         if col not in obj or value is None:
             return None, col, "missing"
-        if not isinstance(value, str):
-            return None, col, f"not text ({type(value).__name__})"
-        if key != "prompt" and not value.strip():
+        if isinstance(value, list):  # conversational: a list of {"role", "content"} messages
+            problem = check_messages(value)
+            if problem:
+                return None, col, problem
+        elif not isinstance(value, str):
+            return None, col, f"not text or messages ({type(value).__name__})"
+        elif key != "prompt" and not value.strip():
             return None, col, "empty"
         texts[key] = value
     if texts["chosen"] == texts["rejected"]:

@@ -24,11 +24,13 @@ class Columns:
 
 @dataclass
 class Comparison:
-    """One judgement: ``user`` preferred ``chosen`` over ``rejected`` as a reply to ``prompt``."""
+    """One judgement: ``user`` preferred ``chosen`` over ``rejected`` as a reply to ``prompt``.
 
-    prompt: str
-    chosen: str
-    rejected: str
+    Each text is plain text or a list of chat messages (``sharelora.render``)."""
+
+    prompt: str | list
+    chosen: str | list
+    rejected: str | list
     user: str
     group: str | None = None
     row: int = 0  # the source's line (JSONL) or row number (others), 1-based, for messages
