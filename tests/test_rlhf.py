@@ -161,7 +161,12 @@ def test_grpo_trains_two_steps_with_the_personalized_reward(reward_dir, tmp_path
         processing_class=tokenizer,
     )
     before = {n: p.detach().clone() for n, p in policy.named_parameters()}
-    trainer.train()
+    try:
+        trainer.train()
+    finally:  # the process-wide accelerate state TRL set up must not outlive this test
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
     logged = [h for h in trainer.state.log_history if "rewards/sharelora_reward/mean" in h]
     assert len(logged) == 2
     assert all(np.isfinite(h["rewards/sharelora_reward/mean"]) for h in logged)

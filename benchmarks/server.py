@@ -1,0 +1,144 @@
+"""Reward server throughput and latency on loopback, against scoring in-process.
+
+    python benchmarks/server.py [--quick] [--json out.json]
+
+Starts ``sharelora serve`` (MiniLM, ``sharelora``, 10 users) in a subprocess on 127.0.0.1,
+then sends ``/score`` requests from 1, 8 and 32 concurrent clients (each request holds
+``--rows`` rows; every loop is bounded by a request count and a time limit). The baseline is
+``score_texts`` called in one process on the same rows with the server's batch size. Prints
+rows/s, requests/s, p50 and p99 latency, and throughput as a fraction of in-process.
+"""
+
+from __future__ import annotations
+
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import torch
+from common import machine, parser, table, write_json
+
+from sharelora import AdapterConfig, PersonalizedRewardModel
+from sharelora.data import read_preferences
+from sharelora.score import score_texts
+
+BATCH = 64
+COLUMNS = (
+    "concurrency", "requests", "requests_per_s", "rows_per_s", "p50_ms", "p99_ms", "vs_in_process"
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_up(url: str, seconds: float = 120) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    raise SystemExit(f"the server at {url} did not come up in {seconds:.0f} s")
+
+
+def run_level(url, sample, rows, concurrency, requests, limit) -> list[float]:
+    """``requests`` requests of ``rows`` rows from ``concurrency`` clients (stopping after
+    ``limit`` seconds); returns each request's latency in seconds."""
+    latencies: list[float] = []
+    deadline = time.time() + limit
+
+    def client(k: int) -> None:
+        with httpx.Client(timeout=60) as c:
+            for i in range(k, requests, concurrency):
+                if time.time() > deadline:
+                    return
+                part = sample[i * rows : (i + 1) * rows]
+                body = {
+                    "prompts": [r[0] for r in part],
+                    "responses": [r[1] for r in part],
+                    "users": [r[2] for r in part],
+                }
+                t = time.perf_counter()
+                c.post(f"{url}/score", json=body).raise_for_status()
+                latencies.append(time.perf_counter() - t)
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(client, range(concurrency)))
+    return latencies
+
+
+def main() -> None:
+    p = parser(__doc__)
+    p.add_argument("--rows", type=int, default=4, help="rows per request")
+    args = p.parse_args()
+    requests_per_level = 48 if args.quick else 192
+    data, _ = read_preferences("builtin:demo")
+    rows = [(c.prompt, c.chosen, c.user) for c in data]
+    torch.manual_seed(0)
+    users = sorted({u for _, _, u in rows})
+    model = PersonalizedRewardModel.from_backbone(
+        "minilm", users, AdapterConfig(top_layers=1), max_length=128
+    )
+    folder = tempfile.mkdtemp()
+    model.save_pretrained(folder)
+    model.eval()
+
+    # In-process: the same rows, one call per BATCH rows.
+    n = requests_per_level * args.rows
+    sample = (rows * (n // len(rows) + 1))[:n]
+    prompts, responses, names = map(list, zip(*sample, strict=True))
+    score_texts(model, prompts[:BATCH], responses[:BATCH], names[:BATCH], BATCH)  # warm-up
+    start = time.perf_counter()
+    score_texts(model, prompts, responses, names, BATCH)
+    in_process = n / (time.perf_counter() - start)
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "sharelora.cli", "serve", "--model", folder, "--port", str(port)]
+    server = subprocess.Popen(cmd + ["--batch-size", str(BATCH)], stderr=subprocess.DEVNULL)
+    results = []
+    try:
+        wait_until_up(url)
+        limit = 60 if args.quick else 180  # seconds per concurrency level, at most
+        for concurrency in (1, 8, 32):
+            start = time.perf_counter()
+            lat = sorted(run_level(url, sample, args.rows, concurrency, requests_per_level, limit))
+            seconds = time.perf_counter() - start
+            rows_per_s = len(lat) * args.rows / seconds
+            results.append(
+                {
+                    "concurrency": concurrency,
+                    "requests": len(lat),
+                    "requests_per_s": len(lat) / seconds,
+                    "rows_per_s": rows_per_s,
+                    "p50_ms": 1000 * statistics.median(lat),
+                    "p99_ms": 1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))],
+                    "vs_in_process": rows_per_s / in_process,
+                }
+            )
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    print(f"{machine()}; {args.rows} rows per request, server batch {BATCH}")
+    print(f"in-process score_texts: {in_process:.1f} rows/s")
+    print(
+        table(
+            ["clients", "requests", "req/s", "rows/s", "p50 ms", "p99 ms", "vs in-process"],
+            [[r[k] for k in COLUMNS] for r in results],
+        )
+    )
+    payload = {"machine": machine(), "in_process_rows_per_s": in_process, "levels": results}
+    write_json(args.json, payload)
+
+
+if __name__ == "__main__":
+    main()
