@@ -247,3 +247,26 @@ def test_prefix_cache_pads_right_and_says_it_runs_without_dropout(tiny_text_back
     ds = PairDataset(opposite_tastes(3), model.users, PairTokenizer(model.tokenizer, 32))
     mask = ds.collate([ds[i] for i in range(len(ds))])["attention_mask"]
     assert bool((mask[:, 0] == 1).all())  # every row starts with real tokens
+
+
+@pytest.mark.parametrize("method,top_layers", [("sharelora", None), ("shared", 1)])
+def test_distinct_rows_give_the_per_pair_margins(tiny_text_backbone, method, top_layers):
+    from sharelora.evaluate import predict_margins
+    from sharelora.pairs import PairRun
+    from sharelora.prefix import PrefixCache
+
+    model = _model(tiny_text_backbone, method, top_layers=top_layers)
+    randomize(model)
+    # Every text appears in several pairs and for both users.
+    data = [
+        Comparison("q?", a, b, u)
+        for u in ("sunny", "rainy")
+        for a, b in [("yes a", "no b"), ("yes a", "no c"), ("no b", "no c"), ("yes a", "no b")]
+    ]
+    cache = PrefixCache(model) if top_layers else None
+    run = PairRun(model, None, data, 32, cache, progress=False)
+    per_pair = predict_margins(model, run.val, 3, run=run, distinct=False)
+    distinct = predict_margins(model, run.val, 3, run=run)
+    torch.testing.assert_close(torch.tensor(distinct), torch.tensor(per_pair), rtol=1e-5, atol=1e-6)
+    rows = run.distinct_rows(run.val, share_users=method == "shared")
+    assert len(rows) == (3 if method == "shared" else 6) < 2 * len(data)

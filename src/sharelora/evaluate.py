@@ -8,7 +8,7 @@ from collections import defaultdict
 import torch
 import torch.nn.functional as F
 
-from .pairs import PairRun, pair_correct, pair_rewards
+from .pairs import PairRun, pair_correct
 from .prefix import PrefixCache
 from .users import UnknownUserError
 
@@ -56,13 +56,7 @@ def bootstrap_ci(values: list[float], seed: int = 0, rounds: int = 1000) -> list
     return [means[int(0.025 * rounds)], means[min(int(0.975 * rounds), rounds - 1)]]
 
 
-@torch.no_grad()
-def predict_margins(
-    model, ds, batch_size: int = 32, accelerator=None, rewards_fn=None, first_user_only=False
-) -> list[float]:
-    """``r+ − r−`` for every pair of a ``PairDataset``, in dataset order (gathered across
-    processes when ``accelerator`` is given). ``first_user_only`` routes every row to user 0,
-    as the shared warm-up trains."""
+def _sorted_loader(ds, batch_size: int, accelerator):
     from torch.utils.data import DataLoader
 
     loader = DataLoader(
@@ -71,25 +65,60 @@ def predict_margins(
         # By length: each batch pads to its longest text, so similar lengths waste little.
         sampler=sorted(range(len(ds)), key=ds.lengths().__getitem__),
         collate_fn=ds.collate,
-        generator=torch.Generator().manual_seed(0),
-    )  # leaves the global RNG alone
-    if accelerator is not None:
-        loader = accelerator.prepare(loader)
+        generator=torch.Generator().manual_seed(0),  # leaves the global RNG alone
+    )
+    return accelerator.prepare(loader) if accelerator is not None else loader
+
+
+def _scores(model, ds, batch_size, accelerator, rewards_fn, first_user_only) -> dict[int, float]:
+    """``{index: score}`` over every batch of ``ds`` (gathered across processes); a batch's
+    scores come from ``rewards_fn(batch) -> [B]``."""
     device = next(model.parameters()).device
-    model.eval()
-    margins: list[float] = [0.0] * len(ds)
-    for batch in loader:
+    out: dict[int, float] = {}
+    for batch in _sorted_loader(ds, batch_size, accelerator):
         batch = {k: v.to(device) for k, v in batch.items()}
         if first_user_only:
             batch["user_ids"] = torch.zeros_like(batch["user_ids"])
-        rewards = rewards_fn(model, ds, batch) if rewards_fn else pair_rewards(model, batch)
-        chosen, rejected = rewards.float().chunk(2)
-        margin, index = chosen - rejected, batch["index"]
+        score, index = rewards_fn(batch).float(), batch["index"]
         if accelerator is not None:
-            margin, index = accelerator.gather_for_metrics((margin, index))
-        for i, m in zip(index.tolist(), margin.tolist(), strict=True):
-            margins[i] = m
-    return margins
+            score, index = accelerator.gather_for_metrics((score, index))
+        out.update(zip(index.tolist(), score.tolist(), strict=True))
+    return out
+
+
+@torch.no_grad()
+def predict_margins(
+    model,
+    ds,
+    batch_size: int = 32,
+    accelerator=None,
+    run: PairRun | None = None,
+    first_user_only: bool = False,
+    distinct: bool = True,
+) -> list[float]:
+    """``r+ − r−`` for every pair of a ``PairDataset``, in dataset order (gathered across
+    processes when ``accelerator`` is given). ``run``: the ``PairRun`` that holds ``ds`` (its
+    prefix cache). ``first_user_only`` routes every row to user 0, as the shared warm-up
+    trains. ``distinct`` scores each distinct (user, text) once and maps the rewards back to
+    pairs (a text is one row for all users when the reward ignores the user); ``False`` runs
+    both sides of every pair, as training batches do."""
+    run = run or PairRun(model, None, None, ds.encoder.max_length, None)
+    model.eval()
+    if not distinct:
+
+        def pair_margins(batch):
+            chosen, rejected = run.rewards(model, ds, batch).chunk(2)
+            return chosen - rejected
+
+        margins = _scores(model, ds, batch_size, accelerator, pair_margins, first_user_only)
+        return [margins[i] for i in range(len(ds))]
+    config = (accelerator.unwrap_model(model) if accelerator else model).adapter_config
+    share = first_user_only or not config.personalized
+    rows = run.distinct_rows(ds, share)
+    rewards = _scores(
+        model, rows, batch_size, accelerator, lambda b: run.row_rewards(model, rows, b), False
+    )
+    return [rewards[c] - rewards[r] for c, r in zip(rows.chosen, rows.rejected, strict=True)]
 
 
 def evaluate(
@@ -116,5 +145,5 @@ def evaluate(
     if prefix_cache is not None and model.adapter_config.top_layers:
         cache = PrefixCache(model, store=prefix_cache)
     run = PairRun(model, None, rows, model.max_length, cache, progress=False)
-    margins = predict_margins(model, run.val, batch_size, rewards_fn=run.rewards)
+    margins = predict_margins(model, run.val, batch_size, run=run)
     return summarize([c.user for c in data], margins, model.adapter_config.method, split, seed)

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import Dataset
 
 from .data import PairDataset, PairTokenizer
 from .prefix import PrefixCache
 
 
 def pair_rewards(model, batch: dict, cache=None, indices=None) -> torch.Tensor:
-    """Rewards ``[2B]`` for a collated pair batch (chosen rows first), through the prefix cache
-    when one is given (``indices``: each row's cached-state index)."""
-    inputs = {k: v for k, v in batch.items() if k != "index"}
+    """Rewards ``[rows]`` for a collated batch (a pair batch: chosen rows first), through the
+    prefix cache when one is given (``indices``: each row's cached-state index)."""
+    inputs = {k: v for k, v in batch.items() if k not in ("index", "cache_index")}
     if cache is None:
         return model(**inputs)
     hidden = cache.batch(indices, inputs["attention_mask"])
@@ -31,6 +32,54 @@ def pair_correct(margins: torch.Tensor) -> torch.Tensor:
     """Per-pair credit from margins ``r+ − r−``: 1 if right, ½ for a tie, 0 if wrong. The one
     accuracy rule of training logs and of ``metrics.json``."""
     return (margins > 0).float() + 0.5 * (margins == 0).float()
+
+
+class DistinctRows(Dataset):
+    """The distinct ``(user, text)`` rows of a ``PairDataset``; pair ``i`` compares rows
+    ``chosen[i]`` and ``rejected[i]``.
+
+    Evaluation scores each distinct row once per pass and maps the rewards back to pairs: UKP
+    reuses each argument in many pairs, Jester has 140 jokes under 125,751 pairs. With
+    ``share_users`` (a model whose reward ignores the user, or the shared warm-up) a text is one
+    row for every user.
+    """
+
+    def __init__(self, ds: PairDataset, share_users: bool, cache_index=None):
+        self.encoder = ds.encoder
+        self.features: list[dict] = []
+        self.user_ids: list[int] = []
+        self.cache_index: list[int] = []
+        self.chosen: list[int] = []
+        self.rejected: list[int] = []
+        seen: dict[tuple, int] = {}
+        sides = ((ds.chosen, self.chosen, 0), (ds.rejected, self.rejected, 1))
+        for i in range(len(ds)):
+            user = 0 if share_users else ds.user_ids[i]
+            for features, out, side in sides:
+                row = {k: v[i] for k, v in features.items()}
+                key = (user, *(tuple(v) for v in row.values()))
+                if key not in seen:
+                    seen[key] = len(self.features)
+                    self.features.append(row)
+                    self.user_ids.append(user)
+                    self.cache_index.append(cache_index[side][i] if cache_index else -1)
+                out.append(seen[key])
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def lengths(self) -> list[int]:
+        return [len(f["input_ids"]) for f in self.features]
+
+    def __getitem__(self, j: int) -> int:
+        return j
+
+    def collate(self, rows: list[int]) -> dict[str, torch.Tensor]:
+        batch = dict(self.encoder.pad([self.features[j] for j in rows]))
+        batch["user_ids"] = torch.tensor([self.user_ids[j] for j in rows], dtype=torch.long)
+        batch["cache_index"] = torch.tensor([self.cache_index[j] for j in rows], dtype=torch.long)
+        batch["index"] = torch.tensor(rows, dtype=torch.long)
+        return batch
 
 
 class PairRun:
@@ -59,6 +108,7 @@ class PairRun:
         self.val = PairDataset(val_data, model.users, encoder) if val_data else None
         self.cache = cache
         self.index: dict[int, tuple[list[int], list[int]]] = {}
+        self._distinct: dict[tuple[int, bool], DistinctRows] = {}
         if cache is not None:
             for ds in filter(None, (self.train, self.val)):
                 chosen = cache.add(ds.chosen, encoder.pad, progress=progress)
@@ -75,3 +125,16 @@ class PairRun:
         return pair_rewards(
             model, batch, self.cache, [chosen[i] for i in pos] + [rejected[i] for i in pos]
         )
+
+    def distinct_rows(self, ds: PairDataset, share_users: bool) -> DistinctRows:
+        """The distinct rows of ``ds`` (built once per dataset and routing)."""
+        key = (id(ds), share_users)
+        if key not in self._distinct:
+            self._distinct[key] = DistinctRows(ds, share_users, self.index.get(id(ds)))
+        return self._distinct[key]
+
+    def row_rewards(self, model, rows: DistinctRows, batch: dict) -> torch.Tensor:
+        """Rewards ``[B]`` for a batch of distinct rows."""
+        if self.cache is None:
+            return pair_rewards(model, batch)
+        return pair_rewards(model, batch, self.cache, batch["cache_index"].tolist())

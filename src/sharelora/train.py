@@ -310,7 +310,7 @@ class Trainer:
             return None
         warmup = epoch is not None and self.in_warmup(epoch)
         margins = predict_margins(
-            self.wrapped, pairs.val, self.cfg.batch_size, self.acc, pairs.rewards, warmup
+            self.wrapped, pairs.val, self.cfg.batch_size, self.acc, pairs, warmup
         )
         users = self.model.users.decode(pairs.val.user_ids)
         metrics = summarize(users, margins, self.model.adapter_config.method, "val", bootstrap=0)
