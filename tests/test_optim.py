@@ -126,3 +126,43 @@ def test_build_optimizer_defaults_to_auto_like_the_command_line(tiny_dirs):
     assert many.router.sparse_grads is True
     with pytest.raises(TypeError):
         build_optimizer(few, user_lr=1e-3)  # never used, so no longer accepted
+
+
+def test_rowwise_state_is_one_number_per_row_and_lazy(tiny_dirs):
+    model = _model(tiny_dirs["bert"], "sharelora")
+    opt = build_optimizer(model, lr=0.05, sparse_users="on", user_state="rowwise")
+    table = model.user_parameters()[0]
+    before = table.detach().clone()
+    ids, mask = tiny_batch(batch=2)
+    model(input_ids=ids, attention_mask=mask, user_ids=torch.tensor([0, 2])).sum().backward()
+    grad = table.grad.coalesce().to_dense()
+    opt.step()
+    state = opt.state[table]
+    assert set(state) == {"step", "row_sq"} and state["row_sq"].shape == (3,)
+    assert state["step"].tolist() == [1, 0, 1]
+    assert torch.equal(table[1], before[1])  # user 1 was not in the batch
+    # First step: v = (1 - β2)·mean(g²), bias-corrected to mean(g²): the row moves by
+    # lr · g / rms(g), Adam's scale.
+    for u in (0, 2):
+        rms = grad[u].pow(2).mean().sqrt()
+        torch.testing.assert_close(before[u] - table[u], 0.05 * grad[u] / (rms + 1e-8))
+
+
+def test_rowwise_learns_like_full_adam(tiny_text_backbone):
+    from conftest import opposite_tastes
+
+    from sharelora.evaluate import evaluate
+    from sharelora.train import TrainConfig, train
+
+    accuracy = {}
+    for state in ("full", "rowwise"):
+        torch.manual_seed(0)
+        model = PersonalizedRewardModel.from_backbone(
+            tiny_text_backbone, ["sunny", "rainy"], AdapterConfig(rank=4)
+        )
+        cfg = TrainConfig(
+            epochs=6, lr=1e-2, batch_size=8, progress=False, max_length=32, user_state=state
+        )
+        train(model, opposite_tastes(40), None, cfg)
+        accuracy[state] = evaluate(model, opposite_tastes(15, seed=1))["macro_accuracy"]
+    assert accuracy["rowwise"] >= 0.9 and accuracy["full"] >= 0.9, accuracy

@@ -9,6 +9,8 @@ from transformers import LlamaConfig
 
 from sharelora.cli import main
 
+GIB = 1024**3
+
 
 @pytest.fixture(scope="module")
 def llama3_8b_config(tmp_path_factory):
@@ -56,14 +58,15 @@ def test_llama3_8b_budget_from_config(llama3_8b_config, tmp_path, capsys):
     assert plan["diag"]["per_user"] == 32 * 2 * 32
     assert plan["shared"]["frozen"] == 7_504_924_672
     text = capsys.readouterr().out
-    assert "recommended at 100,000 users: diag" in text and "| **sharelora** |" in text
+    assert "recommended at 100,000 users with full user state: diag" in text
+    assert "| **sharelora** |" in text
 
 
 def test_minilm_plan_matches_the_built_model(capsys):
     assert main(["plan", "--users", "10000", "--memory-gib", "16"]) == 0
     text = capsys.readouterr().out
     assert "| **sharelora** | 36,864 | 37,248 | 368,677,248 |" in text
-    assert "recommended at 10,000 users: sharelora" in text
+    assert "recommended at 10,000 users with full user state: sharelora" in text
 
 
 def test_plan_rejects_bad_input(capsys):
@@ -71,3 +74,14 @@ def test_plan_rejects_bad_input(capsys):
     assert "--users must be a positive integer" in capsys.readouterr().err
     assert main(["plan", "--users", "5", "--backbone", "/nonexistent/model"]) == 2
     assert "cannot read the config" in capsys.readouterr().err
+
+
+def test_rowwise_state_costs_one_scalar_and_one_count_per_user_row():
+    from sharelora.plan import budget
+
+    counts = {"frozen": 10, "shared": 100, "per_user": 1000, "user_tables": 4}
+    full = budget(counts, users=50, user_state="full")
+    rowwise = budget(counts, users=50, user_state="rowwise")
+    assert full["optimizer_gib"] * GIB == 2 * (100 + 1000 * 50) * 4
+    assert rowwise["optimizer_gib"] * GIB == 2 * 100 * 4 + 50 * 4 * (4 + 8)
+    assert rowwise["optimizer_full_gib"] == full["optimizer_gib"]

@@ -8,7 +8,15 @@ import sys
 import time
 from pathlib import Path
 
-from .config import DEFAULT_BACKBONE, METHODS, SCHEDULES, SPARSE_USERS, TrainConfig, UsageError
+from .config import (
+    DEFAULT_BACKBONE,
+    METHODS,
+    SCHEDULES,
+    SPARSE_USERS,
+    USER_STATES,
+    TrainConfig,
+    UsageError,
+)
 
 # Embedded demo defaults: MiniLM with adapters in its top block, so that the frozen blocks
 # below are cached once per text and the whole comparison fits a laptop CPU (see README).
@@ -109,6 +117,13 @@ def _add_train(p: argparse.ArgumentParser) -> None:
         choices=SPARSE_USERS,
         default="auto",
         help="row-sparse user tables + lazy Adam (auto: from 256 users)",
+    )
+    g.add_argument(
+        "--user-state",
+        choices=USER_STATES,
+        default="full",
+        help="optimizer state of user tables: full (Adam, weights x3 memory) or rowwise (one "
+        "number per user row: memory close to the weights alone)",
     )
     g.add_argument(
         "--select-best",
@@ -227,6 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=80.0,
         help="memory for weights, gradients and AdamW state (default: one 80 GB GPU)",
+    )
+    p.add_argument(
+        "--user-state",
+        choices=USER_STATES,
+        default="full",
+        help="optimizer state of user tables the recommendation assumes",
     )
     p.add_argument("--json", help="also write the numbers here")
     p.add_argument("--trust-remote-code", action="store_true")

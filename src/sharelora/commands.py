@@ -289,7 +289,13 @@ def cmd_plan(args) -> None:
     adapter = _adapter_config(args)
     weight_bytes = 4 if args.dtype == "float32" else 2
     table, details = plan_table(
-        args.backbone, adapter, args.users, weight_bytes, args.memory_gib, args.trust_remote_code
+        args.backbone,
+        adapter,
+        args.users,
+        weight_bytes,
+        args.memory_gib,
+        args.trust_remote_code,
+        args.user_state,
     )
     print(table)
     if args.json:

@@ -16,6 +16,8 @@ SCHEDULES = ("linear", "cosine", "constant")
 SPARSE_USERS = ("auto", "on", "off")
 # "auto" turns row-sparse user tables on from this many users (below, dense is as fast).
 SPARSE_USERS_THRESHOLD = 256
+# Optimizer state of per-user tables: Adam's moments per coordinate, or one scalar per row.
+USER_STATES = ("full", "rowwise")
 # The personalization strengths ``strength="auto"`` chooses from (``sharelora.strength``).
 STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -135,6 +137,8 @@ class TrainConfig:
             one intra-op thread layout, so two runs with one seed on one machine give
             bit-identical adapters (slower; see the README for the cost).
         progress: show tqdm bars.
+        user_state: optimizer state of the user tables: ``"full"`` (Adam's moments per
+            coordinate) or ``"rowwise"`` (one scalar per user row and table; ``optim``).
         user_reg: strength of an L2 pull of each batch user's per-user factors toward the mean
             over all users (0: off). It lets users who agree fall back toward the population;
             it costs one pass over the user tables per step.
@@ -162,6 +166,7 @@ class TrainConfig:
     group_by_length: bool = False
     cache_prefix: bool = True
     sparse_users: str = "auto"
+    user_state: str = "full"
     user_reg: float = 0.0
     init_from: str | None = None
     strength: float | str = "auto"
@@ -186,6 +191,8 @@ class TrainConfig:
             raise ValueError(
                 f"sparse_users must be one of {SPARSE_USERS}, got {self.sparse_users!r}"
             )
+        if self.user_state not in USER_STATES:
+            raise ValueError(f"user_state must be one of {USER_STATES}, got {self.user_state!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if not 0 <= self.warmup_epochs < self.epochs:

@@ -18,7 +18,7 @@ import math
 import torch
 from transformers import get_scheduler
 
-from .config import SCHEDULES, SPARSE_USERS, SPARSE_USERS_THRESHOLD
+from .config import SCHEDULES, SPARSE_USERS, SPARSE_USERS_THRESHOLD, USER_STATES
 
 
 class PersonalAdamW(torch.optim.Optimizer):
@@ -43,11 +43,14 @@ class PersonalAdamW(torch.optim.Optimizer):
             "eps": eps,
             "weight_decay": weight_decay,
             "lazy": False,
+            "rowwise": False,
         }
         super().__init__(params, defaults)
         for group in self.param_groups:
             if group["lazy"] and group["weight_decay"]:
                 raise ValueError("lazy (per-user) groups take no weight decay")
+            if group["rowwise"] and not group["lazy"]:
+                raise ValueError("rowwise state is for lazy (per-user) groups")
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -59,17 +62,44 @@ class PersonalAdamW(torch.optim.Optimizer):
                     continue
                 state = self.state[p]
                 if not state:
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                    # Lazy groups count steps per row (users are updated at different rates).
-                    # Integer counts: exact, and no float64 (which MPS lacks).
-                    shape = (p.shape[0],) if group["lazy"] else ()
-                    state["step"] = torch.zeros(shape, dtype=torch.int64, device=p.device)
-                if p.grad.is_sparse:
+                    self._init_state(p, state, group)
+                if group["rowwise"]:
+                    self._rowwise_step(p, state, group, beta2)
+                elif p.grad.is_sparse:
                     self._sparse_step(p, state, group, beta1, beta2)
                 else:
                     self._dense_step(p, state, group, beta1, beta2)
         return loss
+
+    @staticmethod
+    def _init_state(p, state, group) -> None:
+        # Lazy groups count steps per row (users are updated at different rates). Integer
+        # counts: exact, and no float64 (which MPS lacks).
+        shape = (p.shape[0],) if group["lazy"] else ()
+        state["step"] = torch.zeros(shape, dtype=torch.int64, device=p.device)
+        if group["rowwise"]:
+            state["row_sq"] = torch.zeros(p.shape[0], dtype=p.dtype, device=p.device)
+        else:
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+
+    @staticmethod
+    def _rowwise_step(p, state, group, beta2):
+        """Row-wise state: one second-moment scalar per row (the EMA of the row's mean squared
+        gradient, Adam's bias correction, no momentum), updated for the batch's rows only."""
+        if p.grad.is_sparse:
+            grad = p.grad.coalesce()
+            rows, values = grad.indices()[0], grad.values()  # [k], [k, ...]
+        else:
+            rows, values = torch.arange(p.shape[0], device=p.device), p.grad
+        state["step"][rows] += 1
+        mean_sq = values.pow(2).flatten(1).mean(1)  # [k]
+        sq = state["row_sq"][rows].mul_(beta2).add_(mean_sq, alpha=1 - beta2)
+        state["row_sq"][rows] = sq
+        t = state["step"][rows].to(p.dtype)
+        bc2 = -torch.expm1(t * math.log(beta2))
+        denom = (sq / bc2).sqrt().add_(group["eps"]).reshape((-1,) + (1,) * (p.dim() - 1))
+        p[rows] -= group["lr"] * values / denom
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As ``torch.optim.Optimizer.load_state_dict``, then every state tensor on its
@@ -127,6 +157,7 @@ def build_optimizer(
     lr: float = 1e-3,
     weight_decay: float = 0.0,
     sparse_users: str | bool = "auto",
+    user_state: str = "full",
 ) -> PersonalAdamW:
     """The optimizer for a ``PersonalizedRewardModel``: shared parameters with
     ``weight_decay``, per-user tables in a lazy group without it.
@@ -134,7 +165,14 @@ def build_optimizer(
     ``sparse_users``: ``"auto"`` (the default, as on the command line) gives user tables
     row-sparse gradients from ``SPARSE_USERS_THRESHOLD`` users, ``"on"``/``True`` always,
     ``"off"``/``False`` never (the choice is set on the model: ``model.router.sparse_grads``).
+
+    ``user_state``: ``"full"`` keeps Adam's two moments for every coordinate of the user tables
+    (memory: weights × 3); ``"rowwise"`` keeps one scalar per user row and table (memory close
+    to the weights alone): the row's RMS gradient scales its step, as Adam's second moment
+    does, so the same ``lr`` suits both.
     """
+    if user_state not in USER_STATES:
+        raise ValueError(f"user_state must be one of {USER_STATES}, got {user_state!r}")
     if isinstance(sparse_users, bool):
         sparse_users = "on" if sparse_users else "off"
     if sparse_users not in SPARSE_USERS:
@@ -146,7 +184,8 @@ def build_optimizer(
     groups = [{"params": shared, "weight_decay": weight_decay}] if shared else []
     users = [p for p in model.user_parameters() if p.requires_grad]
     if users:
-        groups.append({"params": users, "weight_decay": 0.0, "lazy": True})
+        rowwise = user_state == "rowwise"
+        groups.append({"params": users, "weight_decay": 0.0, "lazy": True, "rowwise": rowwise})
     return PersonalAdamW(groups, lr=lr)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
-from .adapters import METHODS, AdapterConfig
+from .config import METHODS, AdapterConfig
 from .backbone import BackboneError, resolve_backbone
 
 GiB = 1024**3
@@ -18,7 +18,8 @@ GiB = 1024**3
 def parameter_counts(
     backbone: str, adapter: AdapterConfig, trust_remote_code: bool = False
 ) -> dict[str, int]:
-    """``{"frozen", "shared", "per_user"}`` for one user of ``adapter`` on ``backbone``."""
+    """``{"frozen", "shared", "per_user", "user_tables"}`` for one user of ``adapter`` on
+    ``backbone`` (``user_tables``: how many per-user tables, one row each per user)."""
     from .model import PersonalizedRewardModel
 
     try:
@@ -38,7 +39,8 @@ def parameter_counts(
         )
         model = PersonalizedRewardModel(body, ["u"], adapter)
     report = model.parameter_report()
-    return {k: report[k] for k in ("frozen", "shared", "per_user")}
+    counts = {k: report[k] for k in ("frozen", "shared", "per_user")}
+    return counts | {"user_tables": len(model.user_parameters())}
 
 
 def budget(
@@ -47,15 +49,23 @@ def budget(
     weight_bytes: int = 4,
     batch_users: int = 16,
     sparse: bool | None = None,
+    user_state: str = "full",
 ) -> dict:
-    """Memory for weights, gradients and AdamW state (fp32 adapters, ``weight_bytes`` per frozen
-    weight). With row-sparse user tables only ``batch_users`` rows get gradients per step."""
+    """Memory for weights, gradients and optimizer state (fp32 adapters, ``weight_bytes`` per
+    frozen weight). With row-sparse user tables only ``batch_users`` rows get gradients per
+    step. User tables' state: ``full`` Adam (two fp32 moments per coordinate) or ``rowwise``
+    (one fp32 scalar and one int64 step count per row and table)."""
     from .optim import SPARSE_USERS_THRESHOLD
 
     sparse = users >= SPARSE_USERS_THRESHOLD if sparse is None else sparse
     user_total = counts["per_user"] * users
     trainable = counts["shared"] + user_total
     grad_rows = min(users, batch_users) if sparse else users
+    shared_adam = 2 * counts["shared"] * 4
+    optimizer = {
+        "full": shared_adam + 2 * user_total * 4,
+        "rowwise": shared_adam + users * counts.get("user_tables", 0) * (4 + 8),
+    }
     return {
         "users": users,
         "per_user": counts["per_user"],
@@ -63,9 +73,12 @@ def budget(
         "trainable": trainable,
         "frozen": counts["frozen"],
         "sparse_user_tables": sparse,
+        "user_state": user_state,
         "weights_gib": (counts["frozen"] * weight_bytes + trainable * 4) / GiB,
         "gradients_gib": (counts["shared"] + counts["per_user"] * grad_rows) * 4 / GiB,
-        "optimizer_gib": 2 * trainable * 4 / GiB,
+        "optimizer_gib": optimizer[user_state] / GiB,
+        "optimizer_full_gib": optimizer["full"] / GiB,
+        "optimizer_rowwise_gib": optimizer["rowwise"] / GiB,
     }
 
 
@@ -79,7 +92,7 @@ def recommend(budgets: dict[str, dict], memory_gib: float) -> tuple[str | None, 
     for method in ("sharelora", "core", "diag"):
         need = total_gib(budgets[method])
         if need <= memory_gib:
-            return method, f"weights + gradients + AdamW state {need:.2f} GiB <= {memory_gib:g} GiB"
+            return method, f"weights + gradients + Adam state {need:.2f} GiB <= {memory_gib:g} GiB"
     need = total_gib(budgets["diag"])
     return None, (
         f"even diag needs {need:.2f} GiB > {memory_gib:g} GiB: shard users across "
@@ -94,29 +107,34 @@ def plan_table(
     weight_bytes: int = 4,
     memory_gib: float = 80.0,
     trust_remote_code: bool = False,
+    user_state: str = "full",
 ) -> tuple[str, dict]:
     """A markdown table of every method's budget at ``users`` users, and the details."""
     budgets = {}
     for method in METHODS:
         cfg = AdapterConfig(**{**adapter.to_dict(), "method": method})
-        budgets[method] = budget(
-            parameter_counts(backbone, cfg, trust_remote_code), users, weight_bytes
-        )
+        counts = parameter_counts(backbone, cfg, trust_remote_code)
+        budgets[method] = budget(counts, users, weight_bytes, user_state=user_state)
     targets = cfg.targets  # resolved to the architecture's default when none were given
     best, why = recommend(budgets, memory_gib)
     lines = [
         f"backbone {backbone}: {budgets['shared']['frozen']:,} frozen parameters; rank "
         f"{adapter.rank}, targets {','.join(targets)}, {users:,} users",
         "",
-        "| method | per user | shared | total trainable | weights GiB | grads GiB | AdamW GiB |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| method | per user | shared | total trainable | weights GiB | grads GiB "
+        "| Adam state GiB, full | row-wise |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for method, b in budgets.items():
         mark = "**" if method == adapter.method else ""
         lines.append(
             f"| {mark}{method}{mark} | {b['per_user']:,} | {b['shared']:,} | "
             f"{b['trainable']:,} | {b['weights_gib']:.2f} | {b['gradients_gib']:.2f} | "
-            f"{b['optimizer_gib']:.2f} |"
+            f"{b['optimizer_full_gib']:.2f} | {b['optimizer_rowwise_gib']:.2f} |"
         )
-    lines += ["", f"recommended at {users:,} users: {best or 'none fits'} ({why})"]
+    lines += [
+        "",
+        f"recommended at {users:,} users with {user_state} user state: "
+        f"{best or 'none fits'} ({why})",
+    ]
     return "\n".join(lines), {"methods": budgets, "recommended": best}

@@ -159,7 +159,9 @@ class Trainer:
             if sparse == "on":
                 raise ValueError("--sparse-users on needs a single process; use auto or off")
             sparse = "off"
-        optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, sparse_users=sparse)
+        optimizer = build_optimizer(
+            model, cfg.lr, cfg.weight_decay, sparse_users=sparse, user_state=cfg.user_state
+        )
         scheduler = build_scheduler(optimizer, total_steps, cfg.warmup_ratio, cfg.schedule)
         self.wrapped, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
         self.progress = Progress()
@@ -359,6 +361,7 @@ class Trainer:
             "processes": acc.num_processes,
             "seconds": round(self.progress.seconds, 1),
             "sparse_users": model.router.sparse_grads,
+            "user_state": cfg.user_state,
             "deterministic": cfg.deterministic,
             "prefix_cache": "frozen blocks cached, run in eval mode (no dropout there)"
             if self.pairs.cache is not None
