@@ -84,12 +84,14 @@ def peft_seconds(ids, mask, rounds):
     )
 
 
-def sharelora_seconds(ids, mask, users, rounds):
+def sharelora_seconds(ids, mask, users, rounds, host_tables=False):
     model = PersonalizedRewardModel(
         backbone(),
         UserVocab(range(users)),
         AdapterConfig(rank=RANK, alpha=2 * RANK, targets=TARGETS),
     )
+    if host_tables:  # --user-tables host: tables pinned in host memory, batch rows sent
+        model.keep_user_tables_on_host()
     model.gradient_checkpointing_enable()
     model.train()
     user_ids = (torch.arange(2 * PAIRS, device="cuda") % PAIRS) % 5 * (users // 5)
@@ -108,6 +110,10 @@ def main():
     for users in (5, 10_000):
         results[f"sharelora, {users} users"] = sharelora_seconds(ids, mask, users, rounds)
         torch.cuda.empty_cache()
+    results["sharelora, 10000 users, host tables"] = sharelora_seconds(
+        ids, mask, 10_000, rounds, host_tables=True
+    )
+    torch.cuda.empty_cache()
     base = results["peft-lora"]
     tokens = 2 * PAIRS * LENGTH
     rows = [[k, v, v / base, tokens / v] for k, v in results.items()]

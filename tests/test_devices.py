@@ -101,3 +101,28 @@ def test_personal_stage_from_a_shared_model_on_cuda(tiny_text_backbone, tmp_path
     assert result["summary"]["strength"] in (0.0, 0.25, 0.5, 0.75, 1.0)
     resumed = _model(tiny_text_backbone)
     train(resumed, opposite_tastes(8), opposite_tastes(4, seed=1), cfg, tmp_path / "p", True)
+
+
+def test_host_tables_stay_in_host_memory_when_the_model_moves(tiny_text_backbone):
+    model = _model(tiny_text_backbone)
+    names = [n for n, _ in model.named_parameters()]
+    model.keep_user_tables_on_host()
+    model.to("meta")
+    assert all(t.device.type == "cpu" for t in model.user_parameters())
+    assert all(p.device.type == "meta" for p in model.shared_parameters())
+    assert [n for n, _ in model.named_parameters()] == names  # order kept (optimizer, saves)
+
+
+@pytest.mark.parametrize("sparse_users", ["on", "off"])
+def test_host_tables_train_exactly_like_device_tables(tiny_text_backbone, sparse_users):
+    weights = []
+    for where in ("device", "host"):
+        model = _model(tiny_text_backbone)
+        cfg = TrainConfig(
+            epochs=2, lr=1e-2, batch_size=4, progress=False, max_length=32, user_reg=0.1,
+            sparse_users=sparse_users, user_tables=where, deterministic=True,
+        )  # fmt: skip
+        result = train(model, opposite_tastes(6), opposite_tastes(3, seed=1), cfg)
+        assert result["summary"]["user_tables"] == where
+        weights.append(model.trainable_state_dict())
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

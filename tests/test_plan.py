@@ -85,3 +85,7 @@ def test_rowwise_state_costs_one_scalar_and_one_count_per_user_row():
     assert full["optimizer_gib"] * GIB == 2 * (100 + 1000 * 50) * 4
     assert rowwise["optimizer_gib"] * GIB == 2 * 100 * 4 + 50 * 4 * (4 + 8)
     assert rowwise["optimizer_full_gib"] == full["optimizer_gib"]
+    # Host tables: the user tables and their state on the host; the device keeps the frozen
+    # weights, shared factors (weights, gradients, Adam's two moments) and the batch's rows.
+    assert rowwise["host_tables_host_gib"] * GIB == 50 * 1000 * 4 + 50 * 4 * (4 + 8)
+    assert full["host_tables_device_gib"] * GIB == 10 * 4 + 100 * 4 * 4 + 2 * 1000 * 16 * 4

@@ -51,6 +51,8 @@ class UserRouter:
         self.num_users = num_users
         # Per-user tables receive row-sparse gradients (see _SparseRows) when set.
         self.sparse_grads = False
+        # Per-user tables stay in host memory when the model moves (see PersonalLoRALayer).
+        self.host_tables = False
         self._ids: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar(
             "sharelora_user_ids", default=None
         )
@@ -84,7 +86,7 @@ class UserRouter:
     def __deepcopy__(self, memo):
         # A ContextVar cannot be copied; a copied model gets its own router (no ids in flight).
         router = UserRouter(self.num_users)
-        router.sparse_grads = self.sparse_grads
+        router.sparse_grads, router.host_tables = self.sparse_grads, self.host_tables
         return router
 
     def current(self) -> torch.Tensor | None:
@@ -232,10 +234,29 @@ class PersonalLoRALayer(nn.Module):
         return out + (delta * self.scale).reshape(*lead, self.out_features).to(out.dtype)
 
     def _rows(self, table: nn.Parameter, ids: torch.Tensor) -> torch.Tensor:
-        """The batch's rows of a per-user table: ``[b, ...]``."""
+        """The batch's rows of a per-user table ``[b, ...]``, on the batch's device: a table
+        kept in host memory sends only these rows (and their gradient comes back the same
+        way)."""
+        device = ids.device
+        ids = ids.to(table.device)
         if self.router.sparse_grads and torch.is_grad_enabled() and table.requires_grad:
-            return _SparseRows.apply(table, ids)
-        return table[ids]
+            rows = _SparseRows.apply(table, ids)
+        else:
+            rows = table[ids]
+        return rows.to(device, non_blocking=True)
+
+    def _apply(self, fn, recurse: bool = True):
+        # With host tables, moving the model (.to, .cuda, accelerate's prepare) moves every
+        # tensor but the per-user tables, which are bounded by host memory, not the device's.
+        if not self.router.host_tables:
+            return super()._apply(fn, recurse)
+        order = list(self._parameters)
+        kept = {n: self._parameters.pop(n) for n in self.user_parameters}
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            moved = self._parameters
+            self._parameters = type(moved)((n, kept.get(n, moved.get(n))) for n in order)
 
     @property
     def _dtype(self) -> torch.dtype:

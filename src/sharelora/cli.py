@@ -14,6 +14,7 @@ from .config import (
     SCHEDULES,
     SPARSE_USERS,
     USER_STATES,
+    USER_TABLES,
     TrainConfig,
     UsageError,
 )
@@ -124,6 +125,13 @@ def _add_train(p: argparse.ArgumentParser) -> None:
         default="full",
         help="optimizer state of user tables: full (Adam, weights x3 memory) or rowwise (one "
         "number per user row: memory close to the weights alone)",
+    )
+    g.add_argument(
+        "--user-tables",
+        choices=USER_TABLES,
+        default="device",
+        help="host: per-user tables and their optimizer state stay in host memory; each step "
+        "moves only the batch's rows to the device",
     )
     g.add_argument(
         "--select-best",

@@ -18,6 +18,8 @@ SPARSE_USERS = ("auto", "on", "off")
 SPARSE_USERS_THRESHOLD = 256
 # Optimizer state of per-user tables: Adam's moments per coordinate, or one scalar per row.
 USER_STATES = ("full", "rowwise")
+# Where per-user tables live: with the model on its device, or in host memory.
+USER_TABLES = ("device", "host")
 # The personalization strengths ``strength="auto"`` chooses from (``sharelora.strength``).
 STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -139,6 +141,8 @@ class TrainConfig:
         progress: show tqdm bars.
         user_state: optimizer state of the user tables: ``"full"`` (Adam's moments per
             coordinate) or ``"rowwise"`` (one scalar per user row and table; ``optim``).
+        user_tables: ``"host"`` keeps per-user tables and their optimizer state in host memory
+            and moves only the batch's rows to the device (single process).
         user_reg: strength of an L2 pull of each batch user's per-user factors toward the mean
             over all users (0: off). It lets users who agree fall back toward the population;
             it costs one pass over the user tables per step.
@@ -167,6 +171,7 @@ class TrainConfig:
     cache_prefix: bool = True
     sparse_users: str = "auto"
     user_state: str = "full"
+    user_tables: str = "device"
     user_reg: float = 0.0
     init_from: str | None = None
     strength: float | str = "auto"
@@ -193,6 +198,10 @@ class TrainConfig:
             )
         if self.user_state not in USER_STATES:
             raise ValueError(f"user_state must be one of {USER_STATES}, got {self.user_state!r}")
+        if self.user_tables not in USER_TABLES:
+            raise ValueError(
+                f"user_tables must be one of {USER_TABLES}, got {self.user_tables!r}"
+            )
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if not 0 <= self.warmup_epochs < self.epochs:

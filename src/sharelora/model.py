@@ -182,6 +182,17 @@ class PersonalizedRewardModel(nn.Module):
         """Per-user tables (first dim = user); no weight decay, optionally row-sparse."""
         return [p for layer in self.adapter_layers.values() for p in layer.user_parameters.values()]
 
+    def keep_user_tables_on_host(self) -> None:
+        """Keep every per-user table (and so its optimizer state) in host memory, pinned when
+        CUDA is there: moving the model leaves them, and each forward sends only the batch's
+        rows to the device. The number of users is then bounded by host RAM."""
+        import torch
+
+        self.router.host_tables = True
+        for table in self.user_parameters():
+            data = table.data.cpu()
+            table.data = data.pin_memory() if torch.cuda.is_available() else data
+
     def shared_parameters(self) -> list[nn.Parameter]:
         """Trainable parameters shared by all users: shared factors and the head."""
         user = {id(p) for p in self.user_parameters()}

@@ -201,7 +201,7 @@ def clip_grad_norm_(params, max_norm: float) -> float:
             squares.append(g.values().float().pow(2).sum())
         else:
             squares.append(g.float().pow(2).sum())
-    norm = math.sqrt(float(torch.stack(squares).sum()))
+    norm = math.sqrt(sum(float(x) for x in squares))  # grads may sit on several devices
     if norm > max_norm:
         scale = max_norm / (norm + 1e-6)
         for g in grads:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
-from .config import METHODS, AdapterConfig
 from .backbone import BackboneError, resolve_backbone
+from .config import METHODS, AdapterConfig
 
 GiB = 1024**3
 
@@ -62,10 +62,18 @@ def budget(
     trainable = counts["shared"] + user_total
     grad_rows = min(users, batch_users) if sparse else users
     shared_adam = 2 * counts["shared"] * 4
-    optimizer = {
-        "full": shared_adam + 2 * user_total * 4,
-        "rowwise": shared_adam + users * counts.get("user_tables", 0) * (4 + 8),
+    user_state_bytes = {
+        "full": 2 * user_total * 4,
+        "rowwise": users * counts.get("user_tables", 0) * (4 + 8),
     }
+    optimizer = {k: shared_adam + v for k, v in user_state_bytes.items()}
+    # --user-tables host: the tables and their state in host memory; on the device the frozen
+    # weights, shared factors with their Adam state and gradients, and the batch's rows.
+    batch_rows = counts["per_user"] * min(users, batch_users) * 4
+    host_bytes = user_total * 4 + user_state_bytes[user_state]
+    device_bytes = (
+        counts["frozen"] * weight_bytes + counts["shared"] * 4 * 4 + 2 * batch_rows
+    )
     return {
         "users": users,
         "per_user": counts["per_user"],
@@ -79,6 +87,8 @@ def budget(
         "optimizer_gib": optimizer[user_state] / GiB,
         "optimizer_full_gib": optimizer["full"] / GiB,
         "optimizer_rowwise_gib": optimizer["rowwise"] / GiB,
+        "host_tables_device_gib": device_bytes / GiB,
+        "host_tables_host_gib": host_bytes / GiB,
     }
 
 
@@ -122,15 +132,16 @@ def plan_table(
         f"{adapter.rank}, targets {','.join(targets)}, {users:,} users",
         "",
         "| method | per user | shared | total trainable | weights GiB | grads GiB "
-        "| Adam state GiB, full | row-wise |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| Adam state GiB, full | row-wise | host tables: device GiB | host GiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for method, b in budgets.items():
         mark = "**" if method == adapter.method else ""
         lines.append(
             f"| {mark}{method}{mark} | {b['per_user']:,} | {b['shared']:,} | "
             f"{b['trainable']:,} | {b['weights_gib']:.2f} | {b['gradients_gib']:.2f} | "
-            f"{b['optimizer_full_gib']:.2f} | {b['optimizer_rowwise_gib']:.2f} |"
+            f"{b['optimizer_full_gib']:.2f} | {b['optimizer_rowwise_gib']:.2f} | "
+            f"{b['host_tables_device_gib']:.2f} | {b['host_tables_host_gib']:.2f} |"
         )
     lines += [
         "",

@@ -94,7 +94,8 @@ def user_pull(model, user_ids: torch.Tensor) -> torch.Tensor:
     for layer in model.adapter_layers.values():
         for table in layer.user_parameters.values():
             rows = layer._rows(table, users)  # [k, ...], row-sparse gradient when enabled
-            total = total + (rows - table.detach().mean(0)).pow(2).sum()
+            mean = table.detach().mean(0).to(rows.device)
+            total = total + (rows - mean).pow(2).sum()
     return total / len(users)
 
 
@@ -140,6 +141,10 @@ class Trainer:
         self._clear_previous_run(resume)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
+        if cfg.user_tables == "host":
+            if acc.num_processes > 1:
+                raise ValueError("--user-tables host is a single-process path; use device")
+            model.keep_user_tables_on_host()
         if cfg.init_from:
             from .model import PersonalizedRewardModel
 
@@ -362,6 +367,7 @@ class Trainer:
             "seconds": round(self.progress.seconds, 1),
             "sparse_users": model.router.sparse_grads,
             "user_state": cfg.user_state,
+            "user_tables": cfg.user_tables,
             "deterministic": cfg.deterministic,
             "prefix_cache": "frozen blocks cached, run in eval mode (no dropout there)"
             if self.pairs.cache is not None
