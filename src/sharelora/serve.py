@@ -177,24 +177,24 @@ def build_app(model, batch_size: int = 64, max_wait_ms: float = 5.0, unknown_use
             "max_length": model.max_length,
         }
 
+    async def rows_of(request: Request, texts_key: str, users_key: str):
+        """The request's texts, prompts (default: empty) and users, one per row, checked."""
+        body = await body_of(request)
+        texts = _list(body, texts_key)
+        n = len(texts)
+        prompts = _list(body, "prompts", n, required=False) or [""] * n
+        return texts, prompts, check_users(_list(body, users_key, n, required=personalized), n)
+
     @app.post("/score")
     async def score_endpoint(request: Request):
-        body = await body_of(request)
-        responses = _list(body, "responses")
-        n = len(responses)
-        prompts = _list(body, "prompts", n, required=False) or [""] * n
-        users = check_users(_list(body, "users", n, required=personalized), n)
+        responses, prompts, users = await rows_of(request, "responses", "users")
         check_texts(prompts, "prompts"), check_texts(responses, "responses")
         rewards, truncated = await batcher.submit(prompts, responses, users)
         return {"rewards": rewards, "truncated": truncated}
 
     @app.post("/get_reward")
     async def get_reward(request: Request):
-        body = await body_of(request)
-        queries = _list(body, "query")
-        n = len(queries)
-        prompts = _list(body, "prompts", n, required=False) or [""] * n
-        users = check_users(_list(body, "labels", n, required=personalized), n)
+        queries, prompts, users = await rows_of(request, "query", "labels")
         responses = []
         for i, (q, p) in enumerate(zip(queries, prompts, strict=True)):
             if not isinstance(q, str) or not isinstance(p, str):
