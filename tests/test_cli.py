@@ -418,3 +418,18 @@ def test_onboard_into_the_models_own_directory(tiny_text_backbone, data_file, tm
     argv += ["--epochs", "1", "--no-progress"]
     assert main(argv) == 0
     assert json.loads((model / "users.json").read_text())["users"][-1] == "cloudy"
+
+
+def test_train_tests_on_a_separate_file(tiny_text_backbone, data_file, tmp_path):
+    rows = [
+        {"prompt": c.prompt, "chosen": c.chosen, "rejected": c.rejected, "user": c.user}
+        for c in opposite_tastes(3, seed=5)
+    ] + [{"chosen": "a", "rejected": "b", "user": "stranger"}]
+    test = _write_data(tmp_path / "test.jsonl", rows)
+    out = tmp_path / "m"
+    argv = ["train", "--data", data_file, "--test-data", test, "--output", str(out)]
+    assert main([*argv, "--backbone", tiny_text_backbone, *TINY]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n"] == 6 and set(metrics["users"]) == {"sunny", "rainy"}
+    split = json.loads((out / "split.json").read_text())
+    assert split["sizes"]["test"] == 0  # nothing carved: the file is the test set

@@ -342,3 +342,21 @@ def test_gz_output_is_gzip_and_reads_back(tmp_path):
         assert json.loads(f.readline()) == rows[0]
     assert read_preferences(str(out))[0][0].chosen == "a"
     assert validation_path(out).name == "prefs.validation.jsonl.gz"
+
+
+def test_split_column_fixes_the_test_rows_and_val_comes_from_the_rest(tmp_path):
+    rows = [
+        {"chosen": f"a{i}", "rejected": f"b{i}", "user": f"u{i % 2}",
+         "split": "test" if i % 5 == 0 else "train"}  # fmt: skip
+        for i in range(60)
+    ]
+    path = tmp_path / "fixed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data, _ = read_preferences(str(path), Columns(split="split"))
+    s = split_per_user(data, SplitConfig(val=0.2, test=0.0, seed=0))
+    assert {c.chosen for c in s.test} == {f"a{i}" for i in range(0, 60, 5)}
+    assert len(s.val) == 2 * round(24 * 0.2) and not {c.split for c in s.train + s.val} - {"train"}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({**rows[0], "split": "dev"}) + "\n")
+    with pytest.raises(DataError, match="column 'split': not one of train, test"):
+        read_preferences(str(bad), Columns(split="split"))

@@ -49,12 +49,23 @@ def _add_data(p: argparse.ArgumentParser, data_required: bool = True) -> None:
         default=None,
         help="keeps all judgements of one item (e.g. pair_id) in one split",
     )
+    g.add_argument(
+        "--split-col",
+        default=None,
+        help="a column holding train/test per row (e.g. Jester's split): its test rows are "
+        "the test split, --val is carved from the rest",
+    )
     g.add_argument("--on-bad-rows", choices=("error", "skip"), default="error")
 
 
 def _add_split(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("split (per user, seeded)")
     g.add_argument("--val", type=float, default=0.1, help="validation fraction per user")
+    g.add_argument(
+        "--test-data",
+        metavar="FILE",
+        help="test on this file instead of a carved test split (rows of untrained users dropped)",
+    )
     g.add_argument("--test", type=float, default=0.2, help="test fraction per user")
     g.add_argument("--top-users", type=int, help="keep the K users with the most data")
     g.add_argument("--min-per-user", type=int, default=1, help="drop users with fewer rows")

@@ -18,9 +18,9 @@ def _log(*parts) -> None:
 
 def _config(cls, args, **extra):
     """A config dataclass (``AdapterConfig``, ``TrainConfig``, ``SplitConfig``) from the parsed
-    flags of the same names; flags a command lacks keep the dataclass defaults."""
+    flags of the same names (``extra`` overrides); flags a command lacks keep the defaults."""
     names = {f.name for f in fields(cls)}
-    return cls(**{k: v for k, v in vars(args).items() if k in names}, **extra)
+    return cls(**{**{k: v for k, v in vars(args).items() if k in names}, **extra})
 
 
 def _adapter_config(args) -> AdapterConfig:
@@ -40,6 +40,7 @@ def _read(args, source: str | None = None):
         args.rejected_col,
         args.user_col,
         getattr(args, "group_col", None),
+        None if source else getattr(args, "split_col", None),  # the main data's alone
     )
     data, report = read_preferences(source or args.data, columns, args.on_bad_rows, args.hf_split)
     _log(report.summary())
@@ -49,7 +50,15 @@ def _read(args, source: str | None = None):
 def _split(args, data):
     from .data import SplitConfig, split_per_user
 
-    splits = split_per_user(data, _config(SplitConfig, args))
+    test_file = getattr(args, "test_data", None)
+    extra = {"test": 0.0} if test_file else {}
+    splits = split_per_user(data, _config(SplitConfig, args, **extra))
+    if test_file:
+        rows = _read(args, test_file)
+        known = set(splits.users)
+        splits.test = [c for c in rows if c.user in known]
+        if len(splits.test) < len(rows):
+            _log(f"{test_file}: {len(rows) - len(splits.test)} test rows of users not trained")
     dropped = splits.manifest["dropped_without_training_rows"]
     if dropped:
         _log(

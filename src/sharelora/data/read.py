@@ -15,6 +15,7 @@ from ..users import normalize_user
 from .records import Columns, Comparison, DataError
 
 ON_BAD_ROWS = ("error", "skip")
+SPLIT_VALUES = ("train", "test")  # what a --split-col column may hold
 _SHOWN_ERRORS = 3
 
 
@@ -124,12 +125,17 @@ def _check_row(obj: dict, cols: Columns) -> tuple[Comparison | None, str | None,
         user = normalize_user(obj[cols.user])
     except ValueError:
         return None, cols.user, f"not a user name ({obj[cols.user]!r:.40})"
-    group = None
+    group = split = None
     if cols.group is not None:
         if obj.get(cols.group) is None:
             return None, cols.group, "missing"
         group = str(obj[cols.group])
-    return Comparison(texts["prompt"], texts["chosen"], texts["rejected"], user, group), None, None
+    if cols.split is not None:
+        split = obj.get(cols.split)
+        if split not in SPLIT_VALUES:
+            return None, cols.split, f"not one of {', '.join(SPLIT_VALUES)} ({split!r:.20})"
+    comparison = Comparison(texts["prompt"], texts["chosen"], texts["rejected"], user, group, split)
+    return comparison, None, None
 
 
 def read_preferences(
@@ -209,7 +215,8 @@ def read_preferences(
 
 
 def _require_columns(source: str, cols: Columns, available: list[str]) -> None:
-    needed = [cols.chosen, cols.rejected, cols.user] + ([cols.group] if cols.group else [])
+    needed = [cols.chosen, cols.rejected, cols.user]
+    needed += [c for c in (cols.group, cols.split) if c]
     missing = [c for c in needed if c not in available]
     if missing:
         raise DataError(

@@ -20,6 +20,7 @@ class Columns:
     rejected: str = "rejected"
     user: str = "user"
     group: str | None = None
+    split: str | None = None  # a column fixing each row's split (``train``/``test``), if any
 
 
 @dataclass
@@ -33,4 +34,5 @@ class Comparison:
     rejected: str | list
     user: str
     group: str | None = None
+    split: str | None = None  # "train" or "test" when the data fixes the split
     row: int = 0  # the source's line (JSONL) or row number (others), 1-based, for messages

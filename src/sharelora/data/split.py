@@ -83,14 +83,39 @@ def _fingerprint(rows: list[Comparison]) -> str:
     return h.hexdigest()
 
 
+def _split_user(rows: list[Comparison], cfg: SplitConfig, user: str) -> dict[str, list]:
+    """One user's rows by part. A split column (``Comparison.split``) fixes the test rows, and
+    validation is then ``cfg.val`` of the rest; a group column assigns whole groups."""
+    mine: dict[str, list] = {"train": [], "val": [], "test": []}
+    test_share = cfg.test
+    if any(c.split is not None for c in rows):
+        mine["test"] = [c for c in rows if c.split == "test"]
+        rows, test_share = [c for c in rows if c.split != "test"], 0.0
+    if any(c.group is not None for c in rows):
+        for c in rows:
+            x = _bucket(cfg.seed, c.group)
+            part = "test" if x < test_share else "val" if x < test_share + cfg.val else "train"
+            mine[part].append(c)
+        random.Random(f"{cfg.seed}:{user}").shuffle(mine["train"])
+        return mine
+    rows = list(rows)
+    random.Random(f"{cfg.seed}:{user}").shuffle(rows)
+    n_test, n_val = round(len(rows) * test_share), round(len(rows) * cfg.val)
+    mine["test"] += rows[:n_test]
+    mine["val"], mine["train"] = rows[n_test : n_test + n_val], rows[n_test + n_val :]
+    return mine
+
+
 def split_per_user(data: list[Comparison], config: SplitConfig | None = None) -> Splits:
     """Select users and split each user's comparisons into train/val/test.
 
     With a group column (``Comparison.group``) every group goes to one split for all users, by a
-    seeded hash, so one item never sits in two splits. Without it each user's rows are shuffled
-    and cut at the fractions. A user left with no training row (every one of their groups
-    drawn into val/test) is dropped from all splits and listed in the manifest under
-    ``dropped_without_training_rows``.
+    seeded hash, so one item never sits in two splits. With a split column
+    (``Comparison.split``, ``--split-col``) the data's own ``test`` rows are the test split and
+    ``val`` is carved from the rest (by group when there is one). Without either, each user's
+    rows are shuffled and cut at the fractions. A user left with no training row (every one of
+    their groups drawn into val/test) is dropped from all splits and listed in the manifest
+    under ``dropped_without_training_rows``.
     """
     cfg = config or SplitConfig()
     by_user: dict[str, list[Comparison]] = collections.defaultdict(list)
@@ -113,19 +138,7 @@ def split_per_user(data: list[Comparison], config: SplitConfig | None = None) ->
     for user in users:
         if user in holdout:
             continue
-        rows = list(by_user[user])
-        mine = {"train": [], "val": [], "test": []}
-        if any(c.group is not None for c in rows):
-            for c in rows:
-                x = _bucket(cfg.seed, c.group)
-                part = "test" if x < cfg.test else "val" if x < cfg.test + cfg.val else "train"
-                mine[part].append(c)
-            random.Random(f"{cfg.seed}:{user}").shuffle(mine["train"])
-        else:
-            random.Random(f"{cfg.seed}:{user}").shuffle(rows)
-            n_test, n_val = round(len(rows) * cfg.test), round(len(rows) * cfg.val)
-            mine["test"], mine["val"] = rows[:n_test], rows[n_test : n_test + n_val]
-            mine["train"] = rows[n_test + n_val :]
+        mine = _split_user(by_user[user], cfg, user)
         if cfg.max_per_user is not None:
             mine["train"] = mine["train"][: cfg.max_per_user]
         if not mine["train"]:
