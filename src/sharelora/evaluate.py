@@ -70,15 +70,13 @@ def _sorted_loader(ds, batch_size: int, accelerator):
     return accelerator.prepare(loader) if accelerator is not None else loader
 
 
-def _scores(model, ds, batch_size, accelerator, rewards_fn, first_user_only) -> dict[int, float]:
+def _scores(model, ds, batch_size, accelerator, rewards_fn) -> dict[int, float]:
     """``{index: score}`` over every batch of ``ds`` (gathered across processes); a batch's
     scores come from ``rewards_fn(batch) -> [B]``."""
     device = next(model.parameters()).device
     out: dict[int, float] = {}
     for batch in _sorted_loader(ds, batch_size, accelerator):
         batch = {k: v.to(device) for k, v in batch.items()}
-        if first_user_only:
-            batch["user_ids"] = torch.zeros_like(batch["user_ids"])
         score, index = rewards_fn(batch).float(), batch["index"]
         if accelerator is not None:
             score, index = accelerator.gather_for_metrics((score, index))
@@ -107,17 +105,17 @@ def predict_margins(
     if not distinct:
 
         def pair_margins(batch):
+            if first_user_only:
+                batch["user_ids"] = torch.zeros_like(batch["user_ids"])
             chosen, rejected = run.rewards(model, ds, batch).chunk(2)
             return chosen - rejected
 
-        margins = _scores(model, ds, batch_size, accelerator, pair_margins, first_user_only)
+        margins = _scores(model, ds, batch_size, accelerator, pair_margins)
         return [margins[i] for i in range(len(ds))]
     config = (accelerator.unwrap_model(model) if accelerator else model).adapter_config
     share = first_user_only or not config.personalized
     rows = run.distinct_rows(ds, share)
-    rewards = _scores(
-        model, rows, batch_size, accelerator, lambda b: run.row_rewards(model, rows, b), False
-    )
+    rewards = _scores(model, rows, batch_size, accelerator, lambda b: run.row_rewards(model, b))
     return [rewards[c] - rewards[r] for c, r in zip(rows.chosen, rows.rejected, strict=True)]
 
 

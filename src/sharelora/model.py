@@ -186,8 +186,6 @@ class PersonalizedRewardModel(nn.Module):
         """Keep every per-user table (and so its optimizer state) in host memory, pinned when
         CUDA is there: moving the model leaves them, and each forward sends only the batch's
         rows to the device. The number of users is then bounded by host RAM."""
-        import torch
-
         self.router.host_tables = True
         for table in self.user_parameters():
             data = table.data.cpu()
@@ -306,7 +304,8 @@ class PersonalizedRewardModel(nn.Module):
     def load_population(self, directory: str | Path) -> None:
         """Set ``population`` from ``DIR/population.safetensors``, or to ``None`` without it."""
         path = Path(directory) / POPULATION_FILE
-        self.population = _read_checked(path, population.mean_of(self)) if path.exists() else None
+        # Any user's row has the population's names and shapes; a mean would cost O(users).
+        self.population = _read_checked(path, population.from_row(self)) if path.exists() else None
 
     def load_trainable(self, path: str | Path) -> None:
         """Load adapter and head tensors, checking names and shapes against this model."""

@@ -133,7 +133,7 @@ class PairRun:
             self._distinct[key] = DistinctRows(ds, share_users, self.index.get(id(ds)))
         return self._distinct[key]
 
-    def row_rewards(self, model, rows: DistinctRows, batch: dict) -> torch.Tensor:
+    def row_rewards(self, model, batch: dict) -> torch.Tensor:
         """Rewards ``[B]`` for a batch of distinct rows."""
         if self.cache is None:
             return pair_rewards(model, batch)

@@ -60,7 +60,7 @@ def from_shared(model, shared) -> dict[str, torch.Tensor]:
             f"{shared.adapter_config.method!r}"
         )
     source = shared.trainable_state_dict()
-    out = mean_of(model)
+    out = from_row(model)  # names and shapes; every value below is overwritten
     for name, layer in model.adapter_layers.items():
         for key in ("A", "B"):
             target = f"{name}.user_{key}" if hasattr(layer, f"user_{key}") else f"{name}.lora_{key}"
