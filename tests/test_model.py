@@ -37,8 +37,14 @@ def dense_reference(model, path, user: int):
     ref = fresh(path)
     params = dict(ref.named_parameters())
     with torch.no_grad():
+        own = dict(model.backbone.named_parameters())
+        for name in model.trainable_backbone_names:
+            params[name].copy_(own[name])
         for name, layer in model.adapter_layers.items():
             p = dict(layer.named_parameters(recurse=False))
+            if "user_W" in p:  # the head method: w̄ + δ_u
+                params[f"{name}.weight"] += p["user_W"][user]
+                continue
             a = p["user_A"][user] if "user_A" in p else p["lora_A"]
             b = p["user_B"][user] if "user_B" in p else p["lora_B"]
             mix = torch.eye(layer.rank)
@@ -49,9 +55,6 @@ def dense_reference(model, path, user: int):
             delta = layer.scale * b @ mix @ a  # [out, in]
             w = params[f"{name}.weight"]
             w += delta.T if layer.fan_in_fan_out else delta
-        own = dict(model.backbone.named_parameters())
-        for name in model.trainable_backbone_names:
-            params[name].copy_(own[name])
     return ref
 
 

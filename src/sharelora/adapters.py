@@ -18,6 +18,7 @@ per-user table (design §1):
     sharelora-b   A            -          B_u
     core          A            C_u        B
     diag          A            diag(d_u)  B
+    head          A            -          B        plus a per-user score head (PersonalHead)
 
 Per-user factors live in one tensor per layer (``user_A: [N, r, in]``, ...), gathered by user id
 and applied with ``torch.bmm``: no module per user and no Python loop over users.
@@ -126,7 +127,60 @@ def _kaiming_(t: torch.Tensor) -> torch.Tensor:
     return nn.init.kaiming_uniform_(t, a=math.sqrt(5))
 
 
-class PersonalLoRALayer(nn.Module):
+class _UserTables(nn.Module):
+    """What every layer with per-user tables shares: gathering the batch's rows and keeping the
+    tables in host memory when the router says so."""
+
+    _TABLES = ("user_A", "user_B", "user_C", "user_d", "user_W")
+    router: UserRouter
+
+    @property
+    def user_parameters(self) -> dict[str, nn.Parameter]:
+        """The per-user tables of this layer, by attribute name (first dim is the user)."""
+        return {n: getattr(self, n) for n in self._TABLES if hasattr(self, n)}
+
+    def _rows(self, table: nn.Parameter, ids: torch.Tensor) -> torch.Tensor:
+        """The batch's rows of a per-user table ``[b, ...]``, on the batch's device: a table
+        kept in host memory sends only these rows (and their gradient comes back the same
+        way)."""
+        device = ids.device
+        ids = ids.to(table.device)
+        if self.router.sparse_grads and torch.is_grad_enabled() and table.requires_grad:
+            rows = _SparseRows.apply(table, ids)
+        else:
+            rows = table[ids]
+        return rows.to(device, non_blocking=True)
+
+    def _apply(self, fn, recurse: bool = True):
+        # With host tables, moving the model (.to, .cuda, accelerate's prepare) moves every
+        # tensor but the per-user tables, which are bounded by host memory, not the device's.
+        if not self.router.host_tables:
+            return super()._apply(fn, recurse)
+        order = list(self._parameters)
+        kept = {n: self._parameters.pop(n) for n in self.user_parameters}
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            moved = self._parameters
+            self._parameters = type(moved)((n, kept.get(n, moved.get(n))) for n in order)
+
+    def _user_ids(self, x: torch.Tensor) -> torch.Tensor:
+        """This call's user ids, checked against the batch ``x`` and moved to its device."""
+        ids = self.router.current()
+        if ids is None:
+            raise ValueError(
+                f"method {self.method!r} is personalized: pass user_ids=[batch] to the "
+                "model's forward"
+            )
+        if ids.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"user_ids has {ids.shape[0]} entries but the batch has {x.shape[0]} rows; "
+                "give one user id per row (chosen and rejected rows each need theirs)"
+            )
+        return ids.to(x.device)
+
+
+class PersonalLoRALayer(_UserTables):
     """Wraps a frozen ``nn.Linear`` or transformers ``Conv1D`` with per-user low-rank updates.
 
     Args:
@@ -191,28 +245,10 @@ class PersonalLoRALayer(nn.Module):
             )
         return _kaiming_(torch.empty(*shape, **kw)).expand(n, *shape).clone()
 
-    @property
-    def user_parameters(self) -> dict[str, nn.Parameter]:
-        """The per-user tables of this layer, by attribute name (first dim is the user)."""
-        names = ("user_A", "user_B", "user_C", "user_d")
-        return {n: getattr(self, n) for n in names if hasattr(self, n)}
-
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)
-        ids = self.router.current()
         personal = self.user_a or self.user_b or self.core is not None
-        if personal:
-            if ids is None:
-                raise ValueError(
-                    f"method {self.method!r} is personalized: pass user_ids=[batch] to the "
-                    "model's forward"
-                )
-            if ids.shape[0] != x.shape[0]:
-                raise ValueError(
-                    f"user_ids has {ids.shape[0]} entries but the batch has {x.shape[0]} rows; "
-                    "give one user id per row (chosen and rejected rows each need theirs)"
-                )
-            ids = ids.to(x.device)
+        ids = self._user_ids(x) if personal else None
         lead = x.shape[:-1]
         h = self.dropout(x).to(self._dtype).reshape(x.shape[0], -1, self.in_features)  # [b,T,in]
         if self.user_a:
@@ -232,31 +268,6 @@ class PersonalLoRALayer(nn.Module):
         else:
             delta = z @ self.lora_B.T  # [b,T,out]
         return out + (delta * self.scale).reshape(*lead, self.out_features).to(out.dtype)
-
-    def _rows(self, table: nn.Parameter, ids: torch.Tensor) -> torch.Tensor:
-        """The batch's rows of a per-user table ``[b, ...]``, on the batch's device: a table
-        kept in host memory sends only these rows (and their gradient comes back the same
-        way)."""
-        device = ids.device
-        ids = ids.to(table.device)
-        if self.router.sparse_grads and torch.is_grad_enabled() and table.requires_grad:
-            rows = _SparseRows.apply(table, ids)
-        else:
-            rows = table[ids]
-        return rows.to(device, non_blocking=True)
-
-    def _apply(self, fn, recurse: bool = True):
-        # With host tables, moving the model (.to, .cuda, accelerate's prepare) moves every
-        # tensor but the per-user tables, which are bounded by host memory, not the device's.
-        if not self.router.host_tables:
-            return super()._apply(fn, recurse)
-        order = list(self._parameters)
-        kept = {n: self._parameters.pop(n) for n in self.user_parameters}
-        try:
-            return super()._apply(fn, recurse)
-        finally:
-            moved = self._parameters
-            self._parameters = type(moved)((n, kept.get(n, moved.get(n))) for n in order)
 
     @property
     def _dtype(self) -> torch.dtype:

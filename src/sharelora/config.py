@@ -28,15 +28,17 @@ class UsageError(ValueError):
     """A bad flag, config file or argument combination; the CLI prints it as one line."""
 
 
-# Which factors each method keeps per user (the others are shared) and its mixing core.
-# core: None (B A), "core" (B C_u A) or "diag" (B diag(d_u) A).
+# Which factors each method keeps per user (the others are shared), its mixing core, and
+# whether the score head gets a per-user offset. core: None (B A), "core" (B C_u A) or "diag"
+# (B diag(d_u) A); head: w_u = w̄ + δ_u over shared-LoRA features (sharelora.head).
 METHODS: dict[str, dict] = {
-    "shared": {"user_a": False, "user_b": False, "core": None},
-    "independent": {"user_a": True, "user_b": True, "core": None},
-    "sharelora": {"user_a": True, "user_b": False, "core": None},
-    "sharelora-b": {"user_a": False, "user_b": True, "core": None},
-    "core": {"user_a": False, "user_b": False, "core": "core"},
-    "diag": {"user_a": False, "user_b": False, "core": "diag"},
+    "shared": {"user_a": False, "user_b": False, "core": None, "head": False},
+    "independent": {"user_a": True, "user_b": True, "core": None, "head": False},
+    "sharelora": {"user_a": True, "user_b": False, "core": None, "head": False},
+    "sharelora-b": {"user_a": False, "user_b": True, "core": None, "head": False},
+    "core": {"user_a": False, "user_b": False, "core": "core", "head": False},
+    "diag": {"user_a": False, "user_b": False, "core": "diag", "head": False},
+    "head": {"user_a": False, "user_b": False, "core": None, "head": True},
 }
 USER_INITS = ("same", "independent")
 
@@ -104,7 +106,7 @@ class AdapterConfig:
     @property
     def personalized(self) -> bool:
         spec = METHODS[self.method]
-        return spec["user_a"] or spec["user_b"] or spec["core"] is not None
+        return spec["user_a"] or spec["user_b"] or spec["core"] is not None or spec["head"]
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -44,11 +44,18 @@ def export_peft(model: PersonalizedRewardModel, user, directory: Path) -> None:
     """A standard PEFT LoRA adapter for one user: ``PeftModel.from_pretrained(base, directory)``.
 
     Each layer's effective factors (``A_u, B`` for sharelora, ``C_u·A, B`` for core, ...) become
-    ``lora_A``/``lora_B``; the trained head goes in ``modules_to_save``.
+    ``lora_A``/``lora_B``; the trained head (for ``head``: ``w̄ + δ_u``) goes in
+    ``modules_to_save``.
     """
     uid = model.user_index(user)
     cfg = model.adapter_config
-    layers = model.adapter_layers
+    layers = {n: m for n, m in model.adapter_layers.items() if not getattr(m, "is_head", False)}
+    # The head method's w̄ + δ_u is this user's head: it goes in modules_to_save.
+    head_deltas = {
+        f"{n}.weight": m.delta_weight(uid)
+        for n, m in model.adapter_layers.items()
+        if getattr(m, "is_head", False)
+    }
     heads = sorted({n.rsplit(".", 1)[0] for n in model.trainable_backbone_names})
     lora = LoraConfig(
         r=cfg.rank,
@@ -70,7 +77,10 @@ def export_peft(model: PersonalizedRewardModel, user, directory: Path) -> None:
         tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b.contiguous().cpu()
     params = dict(model.backbone.named_parameters())
     for name in model.trainable_backbone_names:
-        tensors[f"{PEFT_PREFIX}{name}"] = params[name].detach().contiguous().cpu()
+        tensor = params[name].detach()
+        if name in head_deltas:
+            tensor = (tensor.to(head_deltas[name]) + head_deltas[name]).to(tensor.dtype)
+        tensors[f"{PEFT_PREFIX}{name}"] = tensor.contiguous().cpu()
     save_file(tensors, directory / "adapter_model.safetensors", metadata={"format": "pt"})
     if model.tokenizer is not None:
         model.tokenizer.save_pretrained(directory)

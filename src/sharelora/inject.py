@@ -39,6 +39,20 @@ def head_module_names(model: nn.Module) -> list[str]:
     ]
 
 
+def score_head(model: nn.Module) -> tuple[str, nn.Linear]:
+    """``(name, layer)`` of the linear layer that writes the score: the head itself
+    (``classifier``, ``score``) or the last linear layer inside it (RoBERTa's ``out_proj``)."""
+    for head in head_module_names(model):
+        linears = [
+            (f"{head}.{n}" if n else head, m)
+            for n, m in model.get_submodule(head).named_modules()
+            if isinstance(m, nn.Linear)
+        ]
+        if linears:
+            return linears[-1]
+    raise ValueError(f"{type(model).__name__} has no linear score head for the head method")
+
+
 def linear_suffixes(model: nn.Module) -> list[str]:
     """Distinct last name components of the adaptable layers, for error messages."""
     seen = dict.fromkeys(

@@ -15,7 +15,9 @@ from safetensors.torch import load_file
 from . import files, population
 from .adapters import AdapterConfig, PersonalLoRALayer, UserRouter
 from .backbone import load_backbone, prepare_backbone
-from .inject import head_module_names, inject_adapters
+from .config import METHODS
+from .head import PersonalHead
+from .inject import head_module_names, inject_adapters, score_head
 from .users import UserVocab
 
 FORMAT_VERSION = 1
@@ -74,9 +76,13 @@ class PersonalizedRewardModel(nn.Module):
         # The population model when training set one (sharelora.population); None: the mean.
         self.population: dict[str, torch.Tensor] | None = None
         self.router = UserRouter(len(users))
-        self.adapter_layers: dict[str, PersonalLoRALayer] = inject_adapters(
+        self.adapter_layers: dict[str, PersonalLoRALayer | PersonalHead] = inject_adapters(
             backbone, adapter, len(users), self.router
         )
+        if METHODS[adapter.method]["head"]:
+            name, linear = score_head(backbone)
+            self.user_head = PersonalHead(linear, len(users), self.router, adapter.method)
+            self.adapter_layers[name] = self.user_head
         backbone.requires_grad_(False)
         heads = head_module_names(backbone)
         self.trainable_backbone_names = sorted(
@@ -336,12 +342,13 @@ class PersonalizedRewardModel(nn.Module):
             for name, layer in self.adapter_layers.items():
                 parent_name, _, child = name.rpartition(".")
                 parent = self.backbone.get_submodule(parent_name)
-                originals[name] = (parent, child, layer)
+                # The module in place: the adapter layer, or the hooked head for ``head``.
+                originals[name] = (parent, child, getattr(parent, child))
                 setattr(parent, child, layer.merged_base(uid))
             yield self.backbone
         finally:
-            for parent, child, layer in originals.values():
-                setattr(parent, child, layer)
+            for parent, child, module in originals.values():
+                setattr(parent, child, module)
 
     def export_user(self, user: object | None, directory: str | Path, format: str = "merged"):
         """Write one user's reward model as a plain transformers (``merged``) or PEFT directory."""

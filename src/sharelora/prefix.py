@@ -56,7 +56,11 @@ class PrefixCache:
     def __init__(self, model, store: PrefixCache | None = None):
         self.model = model
         path, self.blocks = transformer_blocks(model.backbone)
-        adapted = [block_of(n, path) for n in model.adapter_layers]
+        adapted = [
+            block_of(n, path)
+            for n, layer in model.adapter_layers.items()
+            if not getattr(layer, "is_head", False)  # the head runs after the blocks anyway
+        ]
         if any(i is None for i in adapted):
             raise ValueError("a prefix cache needs every adapter inside the transformer blocks")
         self.first = min(adapted)
