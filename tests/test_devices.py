@@ -16,7 +16,7 @@ from conftest import opposite_tastes, randomize
 
 from sharelora import AdapterConfig, PersonalAdamW, PersonalizedRewardModel, population
 from sharelora.optim import _bias_corrections
-from sharelora.strength import apply_strength
+from sharelora.strength import apply_strength, user_weights
 from sharelora.train import TrainConfig, train
 
 
@@ -33,8 +33,11 @@ def test_strength_uses_a_population_taken_on_another_device(tiny_text_backbone):
     randomize(model)
     model.population = population.mean_of(model)  # on the CPU
     model.to("meta")
-    strength, _, _ = apply_strength(model, 0.5, None, lambda tag: None)
+    counts = torch.tensor([3, 5])  # on the CPU too
+    strength, _, _ = apply_strength(model, 0.5, None, lambda tag: None, counts)
     assert strength == 0.5
+    personal = model.trainable_state_dict()
+    population.lerp(model, model.population, personal, 0.5, user_weights(counts, 2.0))
     assert all(t.device.type == "meta" for t in model.trainable_state_dict().values())
     population.assign(model, model.population)  # and starting every user there
 
@@ -119,7 +122,7 @@ def test_host_tables_train_exactly_like_device_tables(tiny_text_backbone, sparse
     for where in ("device", "host"):
         model = _model(tiny_text_backbone)
         cfg = TrainConfig(
-            epochs=2, lr=1e-2, batch_size=4, progress=False, max_length=32, user_reg=0.1,
+            epochs=2, lr=1e-2, batch_size=4, progress=False, max_length=32, prior=1.0,
             sparse_users=sparse_users, user_tables=where, deterministic=True,
         )  # fmt: skip
         result = train(model, opposite_tastes(6), opposite_tastes(3, seed=1), cfg)

@@ -10,11 +10,12 @@ from conftest import opposite_tastes
 
 from sharelora import AdapterConfig, PersonalizedRewardModel, population
 from sharelora.compare import compare
+from sharelora.config import SHRINKAGE
 from sharelora.data import split_per_user
-from sharelora.strength import STRENGTHS
+from sharelora.strength import user_weights
 from sharelora.train import TrainConfig, train
 
-PERSONAL = ["independent", "sharelora", "sharelora-b", "core", "diag"]
+PERSONAL = ["independent", "sharelora", "sharelora-b", "core", "diag", "head"]
 USERS = ["sunny", "rainy"]
 
 
@@ -91,24 +92,54 @@ def test_strength_interpolates_between_population_and_personal(
 
 def test_strength_zero_without_a_start_gives_every_user_the_mean_rows(tiny_text_backbone):
     personal = _model(tiny_text_backbone, user_init="independent")
-    train(personal, opposite_tastes(12), None, _cfg(strength=1.0))
+    train(personal, opposite_tastes(12), None, _cfg(strength=1.0, prior=0.0))
     shrunk = _model(tiny_text_backbone, user_init="independent")
-    train(shrunk, opposite_tastes(12), None, _cfg(strength=0.0))
+    train(shrunk, opposite_tastes(12), None, _cfg(strength=0.0, prior=0.0))
     for full, zero in zip(personal.user_parameters(), shrunk.user_parameters(), strict=True):
         torch.testing.assert_close(zero, full.mean(0, keepdim=True).expand_as(full))
+
+
+def test_with_a_prior_strength_zero_gives_every_user_the_prior_center(tiny_text_backbone):
+    # Without a shared start the prior's center is where every user started: at strength 0
+    # every user is back there (the mean of the independent draws), whatever training did.
+    start = _model(tiny_text_backbone, user_init="independent")
+    center = population.mean_of(start)
+    model = _model(tiny_text_backbone, user_init="independent")
+    train(model, opposite_tastes(12), None, _cfg(strength=0.0, prior=1.0))
+    for name, table in population._user_tables(model).items():
+        torch.testing.assert_close(table, center[name].expand_as(table), rtol=0, atol=0)
+
+
+def test_shrinkage_keeps_n_over_n_plus_kappa_of_each_users_deviation(tiny_text_backbone):
+    model = _model(tiny_text_backbone, "diag")
+    base = population.mean_of(model)
+    for table in model.user_parameters():
+        torch.nn.init.normal_(table)
+    personal = {k: v.clone() for k, v in model.trainable_state_dict().items()}
+    counts = torch.tensor([5, 495])
+    weights = user_weights(counts, 5.0)
+    torch.testing.assert_close(weights, torch.tensor([0.5, 0.99]))
+    population.lerp(model, base, personal, 0.7, weights)
+    for name, table in population._user_tables(model).items():
+        for user, keep in enumerate(weights.tolist()):
+            expected = base[name][0] + keep * (personal[name][user] - base[name][0])
+            torch.testing.assert_close(table[user], expected)
+    assert user_weights(counts, float("inf")).eq(0).all()
 
 
 def test_auto_strength_is_chosen_on_validation_loss(tiny_text_backbone, tmp_path):
     data, val = opposite_tastes(16), opposite_tastes(8, seed=1)
     model = _model(tiny_text_backbone)
-    result = train(model, data, val, _cfg(epochs=4), tmp_path)
-    tried = result["summary"]["strength_val"]
-    assert [float(g) for g in tried] == list(STRENGTHS)
-    best = min(tried, key=lambda g: (tried[g]["loss"], -float(g)))
-    assert result["summary"]["strength"] == float(best)
-    # These users disagree: the population (strength 0) cannot serve both.
+    # No prior in training: on this tiny random backbone it would hold both users at the
+    # population, and this test is about the choice after training.
+    result = train(model, data, val, _cfg(epochs=4, prior=0.0), tmp_path)
+    tried = result["summary"]["shrinkage_val"]
+    assert [float(s) for s in tried] == pytest.approx(list(SHRINKAGE), rel=1e-5)
+    best = min(tried, key=lambda s: (tried[s]["loss"], float(s)))
+    assert result["summary"]["strength"] == pytest.approx(1 / (1 + float(best)), rel=1e-5)
+    # These users disagree: the population (infinite shrinkage) cannot serve both.
     assert result["summary"]["strength"] >= 0.5
-    assert tried["0.0"]["macro_accuracy"] < tried["1.0"]["macro_accuracy"]
+    assert tried["inf"]["macro_accuracy"] < tried["0"]["macro_accuracy"]
     saved = json.loads((tmp_path / "sharelora.json").read_text())["training"]
     assert saved["strength"] == result["summary"]["strength"]
     # The saved model is the chosen one.
@@ -161,5 +192,5 @@ def test_select_best_off_uses_validation_only_for_strength(tiny_text_backbone, t
     )
     log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     evals = [e["at"] for e in log if e["event"] == "eval"]
-    assert evals == ["final"] + [f"strength {g}" for g in STRENGTHS[:-1]]
+    assert evals == ["final"] + [f"shrinkage {s:g}" for s in SHRINKAGE[1:]]
     assert result["summary"]["best_val_macro_accuracy"] is None

@@ -50,8 +50,8 @@ def test_really_learns_opposite_tastes(tiny_text_backbone, sparse_users):
 def test_resume_equals_uninterrupted(
     tiny_text_backbone, tmp_path, monkeypatch, top_layers, warmup_epochs
 ):
-    # With a warm-up the cut falls in the personal stage: the strength chosen at the end needs
-    # the population saved at the end of the warm-up.
+    # The cut falls in the personal stage: the prior and the strength chosen at the end need
+    # the population saved in the checkpoint (the warm-up's row, or the prior's center).
     data = opposite_tastes(12)
     # Exact resume is as exact as the run itself: bit-identical runs need deterministic kernels.
     cfg = _cfg(
@@ -78,10 +78,11 @@ def test_resume_equals_uninterrupted(
         train(_model(tiny_text_backbone, **kw), data, data[:6], cfg, tmp_path / "cut")
     monkeypatch.setattr(train_module, "save_checkpoint", real_save)
     stored = tmp_path / "cut" / "checkpoints" / "last" / "model" / "population.safetensors"
-    assert stored.exists() == bool(warmup_epochs)
+    # The population: the warm-up's row, or the prior's center (the start) without a warm-up.
+    assert stored.exists()
     resumed = _model(tiny_text_backbone, **kw)
     got = train(resumed, data, data[:6], cfg, tmp_path / "cut", resume=True)["summary"]
-    assert got["strength_val"] == expected["strength_val"] and len(got["strength_val"]) == 5
+    assert got["shrinkage_val"] == expected["shrinkage_val"] and len(got["shrinkage_val"]) == 5
     a, b = full.trainable_state_dict(), resumed.trainable_state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -140,20 +141,49 @@ def test_train_config_validation(kwargs, message):
         TrainConfig(**kwargs)
 
 
-@pytest.mark.parametrize("sparse_users", ["off", "on"])
-def test_user_reg_pulls_users_toward_their_mean(tiny_text_backbone, sparse_users):
-    def spread(model):
-        return sum(float((t - t.mean(0)).pow(2).sum().detach()) for t in model.user_parameters())
+def test_deviation_penalty_is_the_prior_on_each_users_summed_loss(tiny_text_backbone):
+    model = _model(tiny_text_backbone, "core")
+    model.population = population.mean_of(model)
+    randomize(model)
+    counts = torch.tensor([4, 10])
+    pair_users = torch.tensor([0, 1, 1])  # a batch of 3 pairs
+    got = population.deviation_penalty(model, pair_users, counts)
+    # Per pair i: |Δ_u|² / (2 n_u), averaged over the batch, over every per-user table.
+    expected = 0.0
+    for name, table in population._user_tables(model).items():
+        center = model.population[name][0]
+        for u in pair_users.tolist():
+            expected += float((table[u] - center).pow(2).sum()) / (2 * counts[u]) / 3
+    assert got.item() == pytest.approx(expected, rel=1e-5)
 
-    spreads = []
-    for user_reg in (0.0, 10.0):
-        model = _model(tiny_text_backbone, user_init="independent")
-        cfg = _cfg(epochs=2, batch_size=8, user_reg=user_reg, sparse_users=sparse_users)
-        train(model, opposite_tastes(16), None, cfg)
-        spreads.append(spread(model))
-    assert spreads[1] < 0.75 * spreads[0], spreads  # Adam moves each coordinate <= lr a step
-    with pytest.raises(ValueError, match="user_reg must be >= 0"):
-        TrainConfig(user_reg=-1.0)
+
+@pytest.mark.parametrize("sparse_users", ["off", "on"])
+def test_prior_holds_users_near_the_population(
+    tiny_text_backbone, sparse_users
+):
+    def deviation(model):
+        return [
+            sum(float((t[u] - model.population[n][0]).pow(2).sum()) for n, t in
+                population._user_tables(model).items())
+            for u in range(2)
+        ]  # fmt: skip
+
+    data = opposite_tastes(16)
+    # "sunny" keeps 2 comparisons, "rainy" all 16: one prior, two counts (the weights per
+    # count are checked exactly above).
+    data = [c for c in data if c.user == "rainy"] + [c for c in data if c.user == "sunny"][:2]
+    runs = {}
+    for prior in (0.0, 30.0):
+        model = _model(tiny_text_backbone)
+        model.population = population.mean_of(model)  # the same center for both runs
+        cfg = _cfg(epochs=3, batch_size=4, prior=prior, sparse_users=sparse_users)
+        summary = train(model, data, None, cfg)["summary"]
+        assert summary["prior"] == prior
+        runs[prior] = deviation(model)
+    (few_free, many_free), (few, many) = runs[0.0], runs[30.0]
+    assert few < 0.5 * few_free and many < 0.5 * many_free, runs
+    with pytest.raises(ValueError, match="prior must be >= 0"):
+        TrainConfig(prior=-1.0)
 
 
 def _same_weights(a, b) -> bool:

@@ -113,16 +113,23 @@ def _add_train(p: argparse.ArgumentParser) -> None:
         ("eval_every", int),
         ("seed", int),
         ("max_length", int),
-        ("user_reg", float),
     ):
         g.add_argument("--" + name.replace("_", "-"), type=type_, default=getattr(defaults, name))
     g.add_argument("--schedule", choices=SCHEDULES, default="linear")
     g.add_argument(
+        "--prior",
+        type=float,
+        default=defaults.prior,
+        help="precision of the Gaussian prior on each user's deviation from the population, "
+        "against the user's summed loss (0: none)",
+    )
+    g.add_argument(
         "--strength",
         type=_strength,
         default="auto",
-        help="personalization strength in [0,1] toward the population model, or auto: "
-        "chosen on validation loss (default)",
+        help="how far users move from the population after training: auto (default) picks a "
+        "prior scale on validation loss, each user keeping n_u/(n_u+k) of their deviation; a "
+        "number in [0,1] keeps that fraction for every user",
     )
     g.add_argument(
         "--sparse-users",

@@ -20,8 +20,9 @@ SPARSE_USERS_THRESHOLD = 256
 USER_STATES = ("full", "rowwise")
 # Where per-user tables live: with the model on its device, or in host memory.
 USER_TABLES = ("device", "host")
-# The personalization strengths ``strength="auto"`` chooses from (``sharelora.strength``).
-STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+# The prior scales ``strength="auto"`` chooses from, in units of the median user's count
+# (``sharelora.strength``): the median user keeps γ = 1, 3/4, 1/2, 1/4, 0 of their deviation.
+SHRINKAGE = (0.0, 1 / 3, 1.0, 3.0, float("inf"))
 
 
 class UsageError(ValueError):
@@ -112,7 +113,6 @@ class AdapterConfig:
         return asdict(self)
 
 
-
 @dataclass
 class TrainConfig:
     """How to train. Defaults suit LoRA on a small backbone on a laptop CPU.
@@ -145,14 +145,18 @@ class TrainConfig:
             coordinate) or ``"rowwise"`` (one scalar per user row and table; ``optim``).
         user_tables: ``"host"`` keeps per-user tables and their optimizer state in host memory
             and moves only the batch's rows to the device (single process).
-        user_reg: strength of an L2 pull of each batch user's per-user factors toward the mean
-            over all users (0: off). It lets users who agree fall back toward the population;
-            it costs one pass over the user tables per step.
+        prior: precision ``τ`` of the Gaussian prior on every user's deviation from the
+            population, ``Δ_u = T_u − T̄`` (``population.deviation_penalty``), against the
+            user's *summed* loss: training minimises ``Σ_i ℓ_i + (τ/2) Σ_u |Δ_u|²``, so few
+            comparisons stay near the population and many move freely (0: no prior). After
+            training, ``strength="auto"`` chooses how far each user moves on validation.
         init_from: directory of a trained ``shared`` model to start every user from
             (``PersonalizedRewardModel.start_from``); that model is then the population model.
-        strength: personalization strength ``γ`` (``sharelora.strength``): ``"auto"`` picks it
-            from ``STRENGTHS`` by validation loss (1 without validation data); a number in
-            [0, 1] fixes it; 1 leaves the trained model as it is.
+        strength: how far users move from the population after training
+            (``sharelora.strength``): ``"auto"`` chooses a prior scale from ``SHRINKAGE`` by
+            validation loss, each user keeping ``n_u / (n_u + κ)`` of their deviation (no
+            change without validation data); a number γ in [0, 1] keeps that fraction for
+            every user; 1 leaves the trained model as it is.
     """
 
     epochs: int = 3
@@ -174,7 +178,7 @@ class TrainConfig:
     sparse_users: str = "auto"
     user_state: str = "full"
     user_tables: str = "device"
-    user_reg: float = 0.0
+    prior: float = 1.0
     init_from: str | None = None
     strength: float | str = "auto"
     deterministic: bool = False
@@ -201,9 +205,7 @@ class TrainConfig:
         if self.user_state not in USER_STATES:
             raise ValueError(f"user_state must be one of {USER_STATES}, got {self.user_state!r}")
         if self.user_tables not in USER_TABLES:
-            raise ValueError(
-                f"user_tables must be one of {USER_TABLES}, got {self.user_tables!r}"
-            )
+            raise ValueError(f"user_tables must be one of {USER_TABLES}, got {self.user_tables!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if not 0 <= self.warmup_epochs < self.epochs:
@@ -220,5 +222,5 @@ class TrainConfig:
                 f"strength must be 'auto' or a number in [0, 1] (1: fully personal, 0: the "
                 f"population model), got {self.strength!r}"
             )
-        if min(self.eval_every, self.weight_decay, self.max_grad_norm, self.user_reg) < 0:
-            raise ValueError("eval_every, weight_decay, max_grad_norm and user_reg must be >= 0")
+        if min(self.eval_every, self.weight_decay, self.max_grad_norm, self.prior) < 0:
+            raise ValueError("eval_every, weight_decay, max_grad_norm and prior must be >= 0")

@@ -5,8 +5,8 @@ name, in which each per-user table holds a single row ``[1, ...]`` standing for 
 is
 
 - where personal training starts (``assign`` copies it into every user's rows),
-- what the personalization strength shrinks toward (``sharelora.strength``: γ = 0 gives every
-  user the population),
+- the center of the prior on every user's deviation during training (``deviation_penalty``)
+  and what the personalization strength shrinks toward afterwards (``sharelora.strength``),
 - where a new user starts (``PersonalizedRewardModel.add_users``, onboarding), and
 - the reward of a user the model does not know (``--unknown-user population``).
 
@@ -14,7 +14,8 @@ It comes from, in this order: a trained ``shared`` model (``from_shared``), the 
 shared warm-up (``from_row``: the row every user was routed to), else the mean over users of
 each per-user table (``mean_of``). Training stores the first two on the model
 (``model.population``), which saves them as ``population.safetensors`` beside the adapters;
-``of(model)`` falls back to the mean.
+with neither, a run with a prior stores the rows every user starts from (the prior needs a
+fixed center); ``of(model)`` falls back to the mean.
 """
 
 from __future__ import annotations
@@ -98,9 +99,48 @@ def assign(model, population: dict[str, torch.Tensor]) -> None:
 
 
 @torch.no_grad()
-def lerp(model, population: dict, personal: dict, weight: float) -> None:
+def lerp(
+    model,
+    population: dict,
+    personal: dict,
+    weight: float,
+    user_weight: torch.Tensor | None = None,
+) -> None:
     """Set the model to ``population + weight · (personal − population)``, tensor by tensor,
-    on each tensor's own device (the population may have been taken on another)."""
+    on each tensor's own device (the population may have been taken on another). With
+    ``user_weight`` ``[N]``, row ``u`` of every per-user table moves by ``user_weight[u]``
+    instead (shared tensors by ``weight``)."""
+    tables = _user_tables(model)
     for name, tensor in model.trainable_state_dict().items():
         base = population[name].to(tensor).expand_as(tensor)
-        tensor.copy_(torch.lerp(base, personal[name].to(tensor), weight))
+        w = weight
+        if user_weight is not None and name in tables:
+            w = user_weight.to(tensor).view(-1, *[1] * (tensor.dim() - 1))
+        tensor.copy_(torch.lerp(base, personal[name].to(tensor), w))
+
+
+def deviation_penalty(model, pair_users: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """The Gaussian prior on every user's deviation ``Δ_u = T_u − T̄`` from the population,
+    as a per-batch term: ``Σ_i |Δ_{u_i}|² / (2 n_{u_i})`` over the batch's pairs ``i``, divided
+    by the batch size, summed over every per-user table.
+
+    Its mean over batches is ``(1/M) · ½ Σ_u |Δ_u|²`` for ``M`` training pairs, so ``τ`` times
+    it added to the mean Bradley-Terry loss minimises ``Σ_i ℓ_i + (τ/2) Σ_u |Δ_u|²``: the
+    prior against each user's *summed* loss, which a user with 5 comparisons cannot outweigh
+    and one with 500 can. Only the batch's users' rows are read (row-sparse gradient when the
+    tables are).
+
+    Args:
+        pair_users: ``[B]`` user id of each pair in the batch.
+        counts: ``[N]`` training pairs of each user, on ``pair_users``' device.
+    """
+    users, in_batch = pair_users.unique(return_counts=True)  # [k], [k]
+    weight = in_batch / (len(pair_users) * counts[users].clamp(min=1))  # [k]
+    total = torch.zeros((), device=pair_users.device)
+    for name, layer in model.adapter_layers.items():
+        for pname, table in layer.user_parameters.items():
+            rows = layer._rows(table, users)  # [k, ...]
+            center = model.population[f"{name}.{pname}"].to(rows)  # [1, ...]
+            sq = (rows - center).pow(2).flatten(1).sum(1)  # [k]
+            total = total + (weight.to(sq) * sq).sum()
+    return total / 2

@@ -86,19 +86,6 @@ def _order(ds: PairDataset, cfg: TrainConfig, epoch: int) -> list[int]:
     return torch.randperm(len(ds), generator=g).tolist()
 
 
-def user_pull(model, user_ids: torch.Tensor) -> torch.Tensor:
-    """Mean over the batch's distinct users of ``|row_u − mean row|²``, summed over every user
-    table; the mean is over all users and carries no gradient."""
-    users = user_ids.unique()
-    total = torch.zeros((), device=user_ids.device)
-    for layer in model.adapter_layers.values():
-        for table in layer.user_parameters.values():
-            rows = layer._rows(table, users)  # [k, ...], row-sparse gradient when enabled
-            mean = table.detach().mean(0).to(rows.device)
-            total = total + (rows - mean).pow(2).sum()
-    return total / len(users)
-
-
 class Trainer:
     """One training run of ``model`` (in place) with the Bradley-Terry loss.
 
@@ -156,6 +143,15 @@ class Trainer:
             model.to(acc.device)
             cache = PrefixCache(model, store=prefix_cache)
         self.pairs = PairRun(model, train_data, val_data, cfg.max_length, cache, cfg.progress)
+        # Training pairs per user [N]: the prior's weight per user and the strength's n_u.
+        self.user_counts = torch.bincount(
+            torch.as_tensor(self.pairs.train.user_ids), minlength=model.num_users
+        )
+        self.counts = None  # on the device, when the prior is on
+        if cfg.prior and model.adapter_config.personalized:
+            if model.population is None and not cfg.warmup_epochs:
+                model.population = population.of(model)  # the prior's center: the start
+            self.counts = self.user_counts.to(acc.device)
         batches = math.ceil(len(self.pairs.train) / cfg.batch_size)
         total_steps = cfg.epochs * math.ceil(batches / cfg.grad_accum)
         sparse = cfg.sparse_users
@@ -228,8 +224,11 @@ class Trainer:
             with acc.accumulate(self.wrapped):
                 rewards = pairs.rewards(self.wrapped, pairs.train, batch)  # [2B]
                 loss = bt_loss(rewards).mean()
-                if cfg.user_reg and not warmup:
-                    loss = loss + cfg.user_reg * user_pull(model, batch["user_ids"])
+                if self.counts is not None and not warmup:
+                    pair_users = batch["user_ids"][: len(rewards) // 2]  # [B]: rows are [+; -]
+                    loss = loss + cfg.prior * population.deviation_penalty(
+                        model, pair_users, self.counts
+                    )
                 self._check_finite(loss, epoch)
                 acc.backward(loss)
                 if acc.sync_gradients and cfg.max_grad_norm:
@@ -356,7 +355,9 @@ class Trainer:
             model.load_trainable(out / "checkpoints" / "best" / "model" / "adapters.safetensors")
             metrics = self.best_val
         metrics = metrics or self.evaluate("final")
-        strength, metrics, tried = apply_strength(model, cfg.strength, metrics, self.evaluate)
+        strength, metrics, tried = apply_strength(
+            model, cfg.strength, metrics, self.evaluate, self.user_counts
+        )
         summary = {
             "config": asdict(cfg),
             "train_pairs": len(self.pairs.train),
@@ -373,10 +374,11 @@ class Trainer:
             if self.pairs.cache is not None
             else None,
             "best_val_macro_accuracy": self.progress.best,
+            "prior": cfg.prior if self.counts is not None else 0.0,
             "strength": strength,
-            "strength_val": {
-                str(g): {"macro_accuracy": m["macro_accuracy"], "loss": m["loss"]}
-                for g, m in sorted(tried.items())
+            "shrinkage_val": {
+                f"{s:g}": {"macro_accuracy": m["macro_accuracy"], "loss": m["loss"]}
+                for s, m in sorted(tried.items())
             },
             "parameters": model.parameter_report(),
         }
@@ -416,7 +418,5 @@ def train(
     config = config or TrainConfig()
     # The lock: two runs writing one directory would corrupt it.
     with run_lock(output_dir), deterministic_mode(config.deterministic):
-        trainer = Trainer(
-            model, train_data, val_data, config, output_dir, resume, prefix_cache
-        )
+        trainer = Trainer(model, train_data, val_data, config, output_dir, resume, prefix_cache)
         return trainer.run()
