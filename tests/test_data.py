@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from dataclasses import replace
 
 import datasets
 import pytest
@@ -20,6 +21,7 @@ from sharelora.data import (
     SplitConfig,
     read_preferences,
     split_per_user,
+    validation_warning,
 )
 from sharelora.data.builders import (
     build_helpsteer2,
@@ -346,17 +348,60 @@ def test_gz_output_is_gzip_and_reads_back(tmp_path):
 
 def test_split_column_fixes_the_test_rows_and_val_comes_from_the_rest(tmp_path):
     rows = [
-        {"chosen": f"a{i}", "rejected": f"b{i}", "user": f"u{i % 2}",
-         "split": "test" if i % 5 == 0 else "train"}  # fmt: skip
+        {
+            "chosen": f"a{i}",
+            "rejected": f"b{i}",
+            "user": f"u{i % 2}",
+            "split": "test" if i % 5 == 0 else "train",
+        }  # fmt: skip
         for i in range(60)
     ]
     path = tmp_path / "fixed.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     data, _ = read_preferences(str(path), Columns(split="split"))
-    s = split_per_user(data, SplitConfig(val=0.2, test=0.0, seed=0))
+    s = split_per_user(data, SplitConfig(val=0.2, test=0.0, seed=0, val_by="row"))
     assert {c.chosen for c in s.test} == {f"a{i}" for i in range(0, 60, 5)}
     assert len(s.val) == 2 * round(24 * 0.2) and not {c.split for c in s.train + s.val} - {"train"}
+    assert split_per_user(data, SplitConfig(val=0.2, test=0.0)).manifest["val_by"] == "text"
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({**rows[0], "split": "dev"}) + "\n")
     with pytest.raises(DataError, match="column 'split': not one of train, test"):
         read_preferences(str(bad), Columns(split="split"))
+
+
+def _shared_texts(n_users=4, n_texts=40, seed=0):
+    """Every user compares random pairs over one catalogue of texts (as Jester's jokes)."""
+    import random
+
+    rng = random.Random(seed)
+    return [
+        Comparison("q", f"t{a}", f"t{b}", f"u{u}")
+        for u in range(n_users)
+        for a, b in (rng.sample(range(n_texts), 2) for _ in range(60))
+    ]
+
+
+def test_val_by_text_holds_out_texts_that_no_training_pair_holds():
+    data = _shared_texts()
+    s = split_per_user(data, SplitConfig(val=0.2, test=0.0, seed=3, val_by="text"))
+    train_texts = {t for c in s.train for t in (c.chosen, c.rejected)}
+    # Every validation pair holds a text that no user trains on; nothing is dropped.
+    assert all({c.chosen, c.rejected} - train_texts for c in s.val)
+    assert len(s.train) + len(s.val) == len(data)
+    assert 0.1 < len(s.val) / len(data) < 0.3
+    assert s.manifest["validation_pairs_with_seen_texts"] == 0.0
+    assert validation_warning(s) is None
+
+
+def test_a_random_validation_over_seen_texts_warns_when_the_test_is_new():
+    data = _shared_texts()
+    s = split_per_user(data, SplitConfig(val=0.2, test=0.0, seed=3, val_by="row"))
+    assert s.manifest["validation_pairs_with_seen_texts"] > 0.5
+    assert "--val-by text" in validation_warning(s)  # no test: the model may meet new texts
+    new = [Comparison("q", f"n{i}", f"m{i}", "u0") for i in range(5)]
+    assert "mostly hold new texts" in validation_warning(replace(s, test=new))
+    assert validation_warning(replace(s, test=s.val)) is None  # a test over seen texts
+    with pytest.raises(DataError, match="--val-by group needs a group column"):
+        split_per_user(data, SplitConfig(val_by="group"))
+    with pytest.raises(ValueError, match="val_by must be one of"):
+        SplitConfig(val_by="joke")

@@ -62,6 +62,14 @@ def _add_split(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("split (per user, seeded)")
     g.add_argument("--val", type=float, default=0.1, help="validation fraction per user")
     g.add_argument(
+        "--val-by",
+        choices=("auto", "row", "group", "text"),
+        default="auto",
+        help="carve validation as the test is split: by group, by text (its texts new to "
+        "training), or by row; auto: text when the test holds new texts (--split-col, or a "
+        "--test-data file of mostly new texts), else group with --group-col, else row",
+    )
+    g.add_argument(
         "--test-data",
         metavar="FILE",
         help="test on this file instead of a carved test split (rows of untrained users dropped)",

@@ -48,13 +48,16 @@ def _read(args, source: str | None = None):
 
 
 def _split(args, data):
-    from .data import SplitConfig, split_per_user
+    from .data import SplitConfig, seen_share, split_per_user, validation_warning
 
     test_file = getattr(args, "test_data", None)
     extra = {"test": 0.0} if test_file else {}
-    splits = split_per_user(data, _config(SplitConfig, args, **extra))
     if test_file:
         rows = _read(args, test_file)
+        if getattr(args, "val_by", "auto") == "auto" and seen_share(rows, data) <= 0.5:
+            extra["val_by"] = "text"  # the test's texts are mostly new: so are validation's
+    splits = split_per_user(data, _config(SplitConfig, args, **extra))
+    if test_file:
         known = set(splits.users)
         splits.test = [c for c in rows if c.user in known]
         if len(splits.test) < len(rows):
@@ -66,9 +69,12 @@ def _split(args, data):
             f"training row): {', '.join(list(dropped)[:5])}"
         )
     _log(
-        f"split: {len(splits.users)} users; train {len(splits.train)}, val {len(splits.val)}, "
-        f"test {len(splits.test)} comparisons"
+        f"split: {len(splits.users)} users; train {len(splits.train)}, val {len(splits.val)} "
+        f"(by {splits.manifest['val_by']}), test {len(splits.test)} comparisons"
     )
+    warning = validation_warning(splits)
+    if warning:
+        _log(f"warning: {warning}")
     return splits
 
 

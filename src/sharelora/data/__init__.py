@@ -3,7 +3,7 @@
 from .collate import PairDataset, PairTokenizer
 from .read import ReadReport, read_preferences
 from .records import Columns, Comparison, DataError
-from .split import SplitConfig, Splits, split_per_user
+from .split import SplitConfig, Splits, seen_share, split_per_user, validation_warning
 
 __all__ = [
     "Columns",
@@ -15,5 +15,7 @@ __all__ = [
     "SplitConfig",
     "Splits",
     "read_preferences",
+    "seen_share",
     "split_per_user",
+    "validation_warning",
 ]

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from .records import Comparison, DataError
 
+VAL_BY = ("auto", "row", "group", "text")
+
 
 @dataclass
 class SplitConfig:
@@ -24,6 +26,11 @@ class SplitConfig:
         max_per_user: cap each user's *training* comparisons at the first n after a seeded
             shuffle: the per-user sample size of the paper's theory.
         holdout_users: keep K whole users (drawn with the seed) out of training, for onboarding.
+        val_by: how validation is carved from each user's non-test rows, so that it asks the
+            test's question: ``"group"`` (whole groups, as the test), ``"text"`` (a pair whose
+            text is held out for validation goes there: its texts are new to training, as new
+            test texts are), ``"row"`` (at random) or ``"auto"``: ``text`` when a split column
+            fixes the test, else ``group`` when there is a group column, else ``row``.
     """
 
     val: float = 0.1
@@ -33,6 +40,7 @@ class SplitConfig:
     min_per_user: int = 1
     max_per_user: int | None = None
     holdout_users: int = 0
+    val_by: str = "auto"
 
     def __post_init__(self):
         for name in ("val", "test"):
@@ -49,6 +57,8 @@ class SplitConfig:
             raise ValueError(f"min_per_user must be a positive integer, got {self.min_per_user!r}")
         if not isinstance(self.holdout_users, int) or self.holdout_users < 0:
             raise ValueError(f"holdout_users must be >= 0, got {self.holdout_users!r}")
+        if self.val_by not in VAL_BY:
+            raise ValueError(f"val_by must be one of {VAL_BY}, got {self.val_by!r}")
 
 
 @dataclass
@@ -83,27 +93,82 @@ def _fingerprint(rows: list[Comparison]) -> str:
     return h.hexdigest()
 
 
-def _split_user(rows: list[Comparison], cfg: SplitConfig, user: str) -> dict[str, list]:
-    """One user's rows by part. A split column (``Comparison.split``) fixes the test rows, and
-    validation is then ``cfg.val`` of the rest; a group column assigns whole groups."""
+def _texts(c: Comparison) -> tuple[str, str]:
+    return (f"{c.prompt}\x1f{c.chosen}", f"{c.prompt}\x1f{c.rejected}")
+
+
+def resolve_val_by(rows: list[Comparison], cfg: SplitConfig) -> str:
+    """``cfg.val_by`` with ``auto`` resolved for these rows."""
+    grouped = any(c.group is not None for c in rows)
+    if cfg.val_by == "group" and not grouped:
+        raise DataError("--val-by group needs a group column (--group-col)")
+    if cfg.val_by != "auto":
+        return cfg.val_by
+    if any(c.split is not None for c in rows):
+        return "text"
+    return "group" if grouped else "row"
+
+
+def _split_user(rows: list[Comparison], cfg: SplitConfig, user: str, val_by: str) -> dict:
+    """One user's rows by part. A split column (``Comparison.split``) fixes the test rows, a
+    group column sends whole groups to test, else test rows are drawn at random; validation
+    then comes from the rest by ``val_by``."""
     mine: dict[str, list] = {"train": [], "val": [], "test": []}
-    test_share = cfg.test
+    rng = random.Random(f"{cfg.seed}:{user}")
+    n_val = None  # for val_by row
     if any(c.split is not None for c in rows):
         mine["test"] = [c for c in rows if c.split == "test"]
-        rows, test_share = [c for c in rows if c.split != "test"], 0.0
-    if any(c.group is not None for c in rows):
-        for c in rows:
-            x = _bucket(cfg.seed, c.group)
-            part = "test" if x < test_share else "val" if x < test_share + cfg.val else "train"
-            mine[part].append(c)
-        random.Random(f"{cfg.seed}:{user}").shuffle(mine["train"])
+        rest, val_from = [c for c in rows if c.split != "test"], 0.0
+    elif any(c.group is not None for c in rows):
+        mine["test"] = [c for c in rows if _bucket(cfg.seed, c.group) < cfg.test]
+        rest, val_from = [c for c in rows if _bucket(cfg.seed, c.group) >= cfg.test], cfg.test
+    else:
+        rest = list(rows)
+        rng.shuffle(rest)
+        n_test, n_val = round(len(rest) * cfg.test), round(len(rest) * cfg.val)
+        mine["test"], rest = rest[:n_test], rest[n_test:]
+    if val_by == "row":
+        if n_val is None:
+            rng.shuffle(rest)
+            n_val = round(len(rest) * cfg.val)
+        mine["val"], mine["train"] = rest[:n_val], rest[n_val:]
         return mine
-    rows = list(rows)
-    random.Random(f"{cfg.seed}:{user}").shuffle(rows)
-    n_test, n_val = round(len(rows) * test_share), round(len(rows) * cfg.val)
-    mine["test"] += rows[:n_test]
-    mine["val"], mine["train"] = rows[n_test : n_test + n_val], rows[n_test + n_val :]
+    # Under "text" each text is held out with probability p, so that about `val` of the pairs
+    # (either text held out) go to validation.
+    p_text = 1 - (1 - cfg.val) ** 0.5
+    for c in rest:
+        if val_by == "group":
+            held = _bucket(cfg.seed, c.group) < val_from + cfg.val
+        else:
+            held = min(_bucket(cfg.seed, t) for t in _texts(c)) < p_text
+        mine["val" if held else "train"].append(c)
+    rng.shuffle(mine["train"])
     return mine
+
+
+def seen_share(rows: list[Comparison], train: list[Comparison]) -> float | None:
+    """The share of ``rows`` whose texts (prompt + response, both sides) all appear in
+    ``train``: high for a validation or test set over known texts, low for new ones."""
+    if not rows:
+        return None
+    seen = {t for c in train for t in _texts(c)}
+    return sum(all(t in seen for t in _texts(c)) for c in rows) / len(rows)
+
+
+def validation_warning(splits: Splits) -> str | None:
+    """A warning when validation pairs are mostly over texts seen in training while the test's
+    are not known to be: a strength chosen on such validation suits seen texts, and is
+    optimistic for new ones."""
+    val = seen_share(splits.val, splits.train)
+    test = seen_share(splits.test, splits.train)
+    if val is None or val <= 0.5 or (test is not None and test > 0.5):
+        return None
+    where = "the test pairs mostly hold new texts" if test is not None else "there is no test"
+    return (
+        f"{val:.0%} of validation pairs hold only texts seen in training, but {where}: the "
+        "strength chosen on it suits known texts and is optimistic for new ones. If the model "
+        "will score new texts, carve validation by text (--val-by text)"
+    )
 
 
 def split_per_user(data: list[Comparison], config: SplitConfig | None = None) -> Splits:
@@ -135,10 +200,11 @@ def split_per_user(data: list[Comparison], config: SplitConfig | None = None) ->
     holdout = sorted(rng.sample(sorted(users), cfg.holdout_users)) if cfg.holdout_users else []
     parts: dict[str, list[Comparison]] = {"train": [], "val": [], "test": []}
     counts, untrained = {}, {}
+    val_by = resolve_val_by([c for u in users for c in by_user[u]], cfg)
     for user in users:
         if user in holdout:
             continue
-        mine = _split_user(by_user[user], cfg, user)
+        mine = _split_user(by_user[user], cfg, user, val_by)
         if cfg.max_per_user is not None:
             mine["train"] = mine["train"][: cfg.max_per_user]
         if not mine["train"]:
@@ -152,6 +218,8 @@ def split_per_user(data: list[Comparison], config: SplitConfig | None = None) ->
     held = [c for u in holdout for c in by_user[u]]
     manifest = {
         "config": asdict(cfg),
+        "val_by": val_by,
+        "validation_pairs_with_seen_texts": seen_share(parts["val"], parts["train"]),
         "users": counts,
         "holdout_users": {u: len(by_user[u]) for u in holdout},
         "dropped_without_training_rows": untrained,
