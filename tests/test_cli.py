@@ -220,6 +220,12 @@ def test_compare_report_plot_and_metrics(tiny_text_backbone, data_file, tmp_path
     for method in ("shared", "sharelora"):
         assert json.loads((out / method / "metrics.json").read_text())["method"] == method
     assert "| user | n | shared | sharelora |" in capsys.readouterr().out
+    # The diagnostics: room for personalization, gains against shared, shuffled users.
+    assert "## Does personalization pay here?" in report and "| sharelora |" in report
+    diag = json.loads((out / "summary.json").read_text())["diagnostics"]
+    assert diag["baseline"] == "shared" and diag["room"]["user_pairs"] >= 0
+    assert diag["methods"]["sharelora"]["shuffled_macro_accuracy"] is not None
+    assert diag["methods"]["shared"]["shuffled_macro_accuracy"] is None
 
 
 @pytest.mark.parametrize(
@@ -396,9 +402,7 @@ def test_adapt_top_layers_is_another_name_for_top_layers():
 
 def test_the_command_line_parses_without_importing_torch():
     # `sharelora --help` must answer at once: no torch, transformers or accelerate import.
-    code = (
-        "import sys, sharelora.cli as c; c.build_parser().parse_args(['train', '--help'])"
-    )
+    code = "import sys, sharelora.cli as c; c.build_parser().parse_args(['train', '--help'])"
     probe = "import sharelora.cli, sys; assert 'torch' not in sys.modules, 'torch imported'"
     assert subprocess.run([sys.executable, "-c", probe]).returncode == 0
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -10,14 +10,20 @@ import torch
 
 from .adapters import AdapterConfig
 from .data import Splits
+from .diagnostics import baseline_of, diagnostics_text, disagreement, paired_gain, shuffled_users
 from .evaluate import evaluate
 from .files import write_json, write_text
 from .model import PersonalizedRewardModel
 from .report import accuracy_table, plot_accuracy
 from .train import TrainConfig, train
 
-# "from-shared" sets init_from to this run's shared model (see compare).
-VARIANTS = {"warmup": {"warmup_epochs": 1}, "from-shared": {}}
+# "from-shared" sets init_from to this run's shared model (see compare); "unpooled" is the
+# paper's recipe: no prior on the deviations and no shrinkage after training.
+VARIANTS = {
+    "warmup": {"warmup_epochs": 1},
+    "from-shared": {},
+    "unpooled": {"prior": 0.0, "strength": 1.0},
+}
 
 
 def method_config(name: str, config: TrainConfig) -> tuple[str, TrainConfig]:
@@ -74,6 +80,10 @@ def compare(
                 "among the methods: it trains first"
             )
         methods = ["shared"] + [m for m in methods if m != "shared"]
+        if "shared+from-shared" not in methods:
+            # The compute control: personal methods that start from `shared` train twice as
+            # long as it; the gain of training longer is not personalization.
+            methods.append("shared+from-shared")
     results, timings, cache = {}, {}, prefix_cache
     for method in methods:
         started = time.time()
@@ -94,6 +104,9 @@ def compare(
             prefix_cache=cache,
         )
         metrics["strength"] = run["summary"]["strength"]
+        if model.adapter_config.personalized and len(splits.users) > 1:
+            shuffled = evaluate(model, shuffled_users(test, config.seed), prefix_cache=cache)
+            metrics["shuffled_macro_accuracy"] = shuffled["macro_accuracy"]
         write_json(out / method / "metrics.json", metrics)
         results[method] = metrics
         timings[method] = round(time.time() - started, 1)
@@ -101,12 +114,15 @@ def compare(
             f"{method}: macro accuracy {metrics['macro_accuracy']:.3f} "
             f"(micro {metrics['micro_accuracy']:.3f}) in {timings[method]:.0f}s"
         )
+    diag = diagnose(results, splits.train + splits.val + test, config.seed)
     table = accuracy_table(results)
     write_text(
         out / "report.md",
         f"# Per-user test accuracy\n\n{table}\n\nA tie counts as half right. Training pairs: "
-        f"{len(splits.train)}; test pairs: {len(test)}; users: {len(splits.users)}.\n",
+        f"{len(splits.train)}; test pairs: {len(test)}; users: {len(splits.users)}.\n\n"
+        f"{diagnostics_text(diag)}\n",
     )
+    log(diagnostics_text(diag))
     plot_accuracy(results, out / "accuracy.png", title="per-user test accuracy")
     write_json(
         out / "summary.json",
@@ -116,6 +132,21 @@ def compare(
             "macro_accuracy": {m: r["macro_accuracy"] for m, r in results.items()},
             "micro_accuracy": {m: r["micro_accuracy"] for m, r in results.items()},
             "strength": {m: r["strength"] for m, r in results.items()},
+            "diagnostics": diag,
         },
     )
     return results, cache
+
+
+def diagnose(results: dict[str, dict], rows: list, seed: int = 0) -> dict:
+    """Room for personalization on ``rows``, and for every method its paired gain over the
+    baseline (``diagnostics.baseline_of``) and its shuffled-user accuracy."""
+    base = baseline_of(results)
+    methods = {}
+    for method, metrics in results.items():
+        methods[method] = {
+            "macro_accuracy": metrics["macro_accuracy"],
+            "gain": paired_gain(metrics, results[base], seed=seed) if base else None,
+            "shuffled_macro_accuracy": metrics.get("shuffled_macro_accuracy"),
+        }
+    return {"room": disagreement(rows), "baseline": base, "methods": methods}
