@@ -13,7 +13,10 @@ than dimensions a user's data is separable and the pure MLE is infinite):
 
     shared       one θ for everyone
     independent  one θ_u per user
-    sharelora    θ_u = θ0 + B a_u, with θ0, B [d, r] and a_u learned jointly
+    sharelora    θ_u = θ0 + B a_u, with θ0, B [d, r] and a_u learned jointly, started at the
+                 shared fit; the prior on the loadings a_u has a learned scale: its ridge
+                 λ_a is chosen from ``LOADING_RIDGES`` by held-out likelihood (5-fold
+                 cross-validation over every user's comparisons), then refitted on all
     oracle       θ_u = θ0 + B* a_u, knowing B*
 
 Reported per (estimator, n, N, r, seed): ``param_error`` = mean over users of |θ̂_u − θ_u| and
@@ -32,6 +35,10 @@ import torch
 import torch.nn.functional as F
 
 ESTIMATORS = ("shared", "independent", "sharelora", "oracle")
+# The ridges on sharelora's per-user loadings that cross-validation (FOLDS folds of every
+# user's comparisons) chooses from: the scale of the prior on the loadings.
+LOADING_RIDGES = (1.0, 3.0, 10.0, 30.0, 100.0)
+FOLDS = 5
 
 
 @dataclass
@@ -84,8 +91,10 @@ def make_task(cfg: SimConfig, n: int, users: int, rank: int, seed: int) -> dict:
     return {"theta": theta, "basis": basis, "z": z, "y": y, "z_test": zt, "y_test": yt}
 
 
-def _fit(params: list[torch.Tensor], thetas, z, y, ridge: float, steps: int) -> torch.Tensor:
-    """Maximise the ridge-penalised Bradley-Terry likelihood with L-BFGS; returns θ̂ [N, d]."""
+def _fit(params: list[torch.Tensor], thetas, z, y, ridge, steps: int) -> torch.Tensor:
+    """Maximise the ridge-penalised Bradley-Terry likelihood with L-BFGS; returns θ̂ [N, d].
+    ``ridge`` is one λ for every parameter or one per parameter."""
+    ridges = ridge if isinstance(ridge, (list, tuple)) else [ridge] * len(params)
     opt = torch.optim.LBFGS(
         params,
         lr=1,
@@ -101,7 +110,8 @@ def _fit(params: list[torch.Tensor], thetas, z, y, ridge: float, steps: int) -> 
         opt.zero_grad()
         logits = torch.einsum("und,ud->un", z, thetas())
         nll = F.binary_cross_entropy_with_logits(logits, y, reduction="sum")
-        loss = (nll + ridge * sum(p.pow(2).sum() for p in params)) / count
+        penalty = sum(lam * p.pow(2).sum() for lam, p in zip(ridges, params, strict=True))
+        loss = (nll + penalty) / count
         loss.backward()
         return loss
 
@@ -113,7 +123,6 @@ def estimate(name: str, task: dict, rank: int, cfg: SimConfig, seed: int) -> tor
     """θ̂ ``[N, d]`` of estimator ``name``."""
     z, y, basis = task["z"], task["y"], task["basis"]
     users, d = z.shape[0], z.shape[2]
-    g = torch.Generator().manual_seed(seed)
 
     def zeros(*shape):
         return torch.zeros(*shape, dtype=torch.float64, requires_grad=True)
@@ -124,15 +133,39 @@ def estimate(name: str, task: dict, rank: int, cfg: SimConfig, seed: int) -> tor
     if name == "independent":
         theta = zeros(users, d)
         return _fit([theta], lambda: theta, z, y, cfg.ridge, cfg.steps)
-    theta0, a = zeros(d), zeros(users, rank)
     if name == "oracle":
+        theta0, a = zeros(d), zeros(users, rank)
         return _fit([theta0, a], lambda: theta0 + a @ basis.T, z, y, cfg.ridge, cfg.steps)
     if name == "sharelora":
-        # B and a start small and random: at zero both gradients vanish (a saddle).
-        b = (0.1 * torch.randn(d, rank, generator=g, dtype=torch.float64)).requires_grad_()
-        a.data = 0.1 * torch.randn(users, rank, generator=g, dtype=torch.float64)
-        return _fit([theta0, b, a], lambda: theta0 + a @ b.T, z, y, cfg.ridge, cfg.steps)
+        start = estimate("shared", task, rank, cfg, seed)[0]
+        folds = min(FOLDS, z.shape[1])
+
+        def held_out_nll(ridge_a: float) -> float:
+            total = 0.0
+            for k in range(folds):
+                held = torch.arange(z.shape[1]) % folds == k  # [n]: this fold's comparisons
+                theta = _sharelora(start, z[:, ~held], y[:, ~held], rank, cfg, seed, ridge_a)
+                logits = torch.einsum("und,ud->un", z[:, held], theta)
+                total += F.binary_cross_entropy_with_logits(
+                    logits, y[:, held], reduction="sum"
+                ).item()
+            return total
+
+        best = min(LOADING_RIDGES, key=held_out_nll)
+        return _sharelora(start, z, y, rank, cfg, seed, best)
     raise ValueError(f"unknown estimator {name!r}; choose from {ESTIMATORS}")
+
+
+def _sharelora(start, z, y, rank: int, cfg: SimConfig, seed: int, ridge_a: float):
+    """θ̂ of ``θ0 + B a_u`` from θ0 = ``start`` (the shared fit), ridge ``ridge_a`` on a_u."""
+    users, d = z.shape[0], z.shape[2]
+    g = torch.Generator().manual_seed(seed)
+    theta0 = start.clone().requires_grad_()
+    # B and a start small and random: at zero both gradients vanish (a saddle).
+    b = (0.1 * torch.randn(d, rank, generator=g, dtype=torch.float64)).requires_grad_()
+    a = (0.1 * torch.randn(users, rank, generator=g, dtype=torch.float64)).requires_grad_()
+    ridges = [cfg.ridge, cfg.ridge, ridge_a]
+    return _fit([theta0, b, a], lambda: theta0 + a @ b.T, z, y, ridges, cfg.steps)
 
 
 def score(theta_hat: torch.Tensor, task: dict) -> dict:
