@@ -1,4 +1,5 @@
-"""Evaluation that scores each distinct (user, text) once, against one forward per pair side.
+"""Evaluation that scores each distinct (user, text) once, against one forward per pair side;
+and training batches that run each distinct row once.
 
     python benchmarks/dedup.py [--quick] [--json out.json]
 
@@ -7,6 +8,10 @@ the file's split), as the real-data benchmarks run them (MiniLM, adapters in the
 frozen blocks cached): the seconds of one pass over the validation and the test pairs with
 ``predict_margins(distinct=False)`` (before) and ``distinct=True`` (now), timed in turns, and
 the largest difference of their margins. ``shared`` scores a text once for all users.
+
+Training: one epoch of forward + backward over 1,200 of those pairs (batches of 16 in
+length-grouped order, as ``train`` draws them), every row run (before) against each distinct
+row of a batch run once (now, ``PairRun.rewards``).
 """
 
 from __future__ import annotations
@@ -20,10 +25,12 @@ from common import machine, parser, table, write_json
 from sharelora import AdapterConfig, PersonalizedRewardModel
 from sharelora.data import Columns, SplitConfig, read_preferences, split_per_user
 from sharelora.evaluate import predict_margins
-from sharelora.pairs import PairRun
+from sharelora.pairs import PairRun, bt_loss, pair_rewards
 from sharelora.prefix import PrefixCache
+from sharelora.train import TrainConfig, _order
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+TRAIN_PAIRS = 1200  # pairs of the training epoch timed (a quarter with --quick)
 
 
 def load(name: str, quick: bool):
@@ -40,11 +47,31 @@ def load(name: str, quick: bool):
     return users, [c for c in data if c.user in chosen]
 
 
+def epoch_seconds(model, run: PairRun, distinct: bool) -> float:
+    """One epoch of forward + backward over ``run.train`` in batches of 16."""
+    ds, share = run.train, not model.adapter_config.personalized
+    order = _order(ds, TrainConfig(batch_size=16, group_by_length=True), epoch=0)
+    chosen, rejected = run.index[id(ds)]
+    start = time.perf_counter()
+    for b in range(0, len(order), 16):
+        batch = ds.collate([ds[i] for i in order[b : b + 16]])
+        if distinct:
+            rewards = run.rewards(model, ds, batch, share)
+        else:
+            pos = batch["index"].tolist()
+            inputs = {k: v for k, v in batch.items() if k != "index"}
+            rows = [chosen[i] for i in pos] + [rejected[i] for i in pos]
+            rewards = pair_rewards(model, inputs, run.cache, rows)
+        model.zero_grad()
+        bt_loss(rewards).mean().backward()
+    return time.perf_counter() - start
+
+
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--rounds", type=int, default=2)
     args = p.parse_args()
-    rows, payload = [], {"machine": machine()}
+    rows, train_rows, payload = [], [], {"machine": machine()}
     for name in ("ukp", "jester"):
         users, pairs = load(name, args.quick)
         for method in ("sharelora", "shared"):
@@ -74,9 +101,19 @@ def main() -> None:
                 "seconds_distinct": t1,
                 "max_abs_margin_diff": diff,
             }
+            # Training: the first TRAIN_PAIRS of these pairs as training pairs, one epoch each.
+            train_pairs = pairs[: TRAIN_PAIRS // (4 if args.quick else 1)]
+            train_run = PairRun(model, train_pairs, None, 256, run.cache, progress=False)
+            before = epoch_seconds(model, train_run, False)
+            now = epoch_seconds(model, train_run, True)
+            train_rows.append([name, method, len(train_pairs), before, now, before / now])
+            payload[f"{name}/{method}"] |= {"epoch_seconds_every_row": before,
+                                             "epoch_seconds_distinct": now}  # fmt: skip
     print(f"{machine()}; one evaluation pass (best of {args.rounds}), MiniLM top block, cached")
     headers = ["data", "method", "pairs", "distinct rows", "s before", "s now", "speed-up"]
     print(table([*headers, "max |Δ margin|"], rows))
+    print("\none training epoch, forward + backward, batches of 16")
+    print(table(["data", "method", "pairs", "s every row", "s distinct", "speed-up"], train_rows))
     write_json(args.json, payload)
 
 

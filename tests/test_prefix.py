@@ -90,3 +90,51 @@ def test_training_through_the_cache_equals_training_without_it(tmp_path):
     for name, tensor in cached.trainable_state_dict().items():
         torch.testing.assert_close(tensor, full.trainable_state_dict()[name], atol=1e-4, rtol=1e-4)
     assert a["val_metrics"]["users"] == b["val_metrics"]["users"]
+
+
+@pytest.mark.parametrize("method,share_users", [("shared", True), ("sharelora", False)])
+def test_a_batch_runs_each_distinct_row_once_with_the_same_rewards_and_gradients(
+    tiny_text_backbone, method, share_users, monkeypatch
+):
+    from sharelora import pairs as pairs_module
+    from sharelora.data import Comparison
+    from sharelora.pairs import PairRun, pair_rewards
+
+    torch.manual_seed(0)
+    model = PersonalizedRewardModel.from_backbone(
+        tiny_text_backbone, ["a", "b"], AdapterConfig(method=method, rank=2, top_layers=1)
+    ).eval()
+    for p in model.shared_parameters() + model.user_parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    # Pairs that repeat texts, for one user and across users.
+    data = [
+        Comparison("", "sunny day", "rainy day", "a"),
+        Comparison("", "sunny day", "cold night", "a"),
+        Comparison("", "rainy day", "sunny day", "b"),
+        Comparison("", "cold night", "warm tea", "b"),
+    ]
+    run = PairRun(model, data, None, 32, PrefixCache(model), progress=False)
+    batch = run.train.collate([run.train[i] for i in range(len(data))])
+    rows_seen = []
+    real = pairs_module.pair_rewards
+    monkeypatch.setattr(
+        pairs_module,
+        "pair_rewards",
+        lambda m, b, *a: rows_seen.append(len(b["input_ids"])) or real(m, b, *a),
+    )
+    got = run.rewards(model, run.train, batch, share_users)
+    # shared: 4 distinct texts; sharelora: 7 distinct (user, text) rows of 8.
+    assert rows_seen == [4 if share_users else 7]
+    chosen, rejected = run.index[id(run.train)]
+    indices = chosen + rejected
+    expected = pair_rewards(
+        model, {k: v for k, v in batch.items() if k != "index"}, run.cache, indices
+    )
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+    grads = []
+    for out in (got, expected):
+        model.zero_grad()
+        out.square().sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

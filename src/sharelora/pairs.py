@@ -116,15 +116,35 @@ class PairRun:
                 self.index[id(ds)] = (chosen, rejected)
         self.truncated = encoder.truncated
 
-    def rewards(self, model, ds: PairDataset, batch: dict) -> torch.Tensor:
-        """Rewards ``[2B]`` for a batch of ``ds`` (through the cache when there is one)."""
+    def rewards(
+        self, model, ds: PairDataset, batch: dict, share_users: bool = False
+    ) -> torch.Tensor:
+        """Rewards ``[2B]`` for a batch of ``ds`` (through the cache when there is one).
+
+        With the cache, a row that repeats an earlier row of the batch (same text and user;
+        any user when ``share_users``: a reward that ignores the user) is not run again: the
+        distinct rows go through the model once and their rewards are gathered back, so the
+        gradient is the same sum over every row.
+        """
         if self.cache is None:
             return pair_rewards(model, batch)
         chosen, rejected = self.index[id(ds)]
         pos = batch["index"].tolist()
-        return pair_rewards(
-            model, batch, self.cache, [chosen[i] for i in pos] + [rejected[i] for i in pos]
-        )
+        indices = [chosen[i] for i in pos] + [rejected[i] for i in pos]  # [2B] cache rows
+        users = [0] * len(indices) if share_users else batch["user_ids"].tolist()
+        first: dict[tuple[int, int], int] = {}
+        kept, inverse = [], []  # [D] first row of each distinct key; [2B] its position
+        for r, key in enumerate(zip(users, indices, strict=True)):
+            if key not in first:
+                first[key] = len(kept)
+                kept.append(r)
+            inverse.append(first[key])
+        if len(kept) == len(indices):
+            return pair_rewards(model, batch, self.cache, indices)
+        rows = torch.tensor(kept, device=batch["input_ids"].device)
+        sub = {k: v.index_select(0, rows) for k, v in batch.items() if k != "index"}
+        distinct = pair_rewards(model, sub, self.cache, [indices[r] for r in kept])  # [D]
+        return distinct[torch.tensor(inverse, device=distinct.device)]
 
     def distinct_rows(self, ds: PairDataset, share_users: bool) -> DistinctRows:
         """The distinct rows of ``ds`` (built once per dataset and routing)."""

@@ -222,7 +222,8 @@ class Trainer:
             if warmup:
                 batch["user_ids"] = torch.zeros_like(batch["user_ids"])
             with acc.accumulate(self.wrapped):
-                rewards = pairs.rewards(self.wrapped, pairs.train, batch)  # [2B]
+                shares = warmup or not model.adapter_config.personalized
+                rewards = pairs.rewards(self.wrapped, pairs.train, batch, shares)  # [2B]
                 loss = bt_loss(rewards).mean()
                 if self.counts is not None and not warmup:
                     pair_users = batch["user_ids"][: len(rewards) // 2]  # [B]: rows are [+; -]
