@@ -385,9 +385,12 @@ def test_val_by_text_holds_out_texts_that_no_training_pair_holds():
     data = _shared_texts()
     s = split_per_user(data, SplitConfig(val=0.2, test=0.0, seed=3, val_by="text"))
     train_texts = {t for c in s.train for t in (c.chosen, c.rejected)}
-    # Every validation pair holds a text that no user trains on; nothing is dropped.
-    assert all({c.chosen, c.rejected} - train_texts for c in s.val)
-    assert len(s.train) + len(s.val) == len(data)
+    val_texts = {t for c in s.val for t in (c.chosen, c.rejected)}
+    # Both texts of every validation pair are new to training (for every user), as in a test
+    # of new texts; a pair of one held-out and one training text is in neither split.
+    assert val_texts and not val_texts & train_texts
+    dropped = s.manifest["sizes"]["dropped_between_train_and_val"]
+    assert dropped > 0 and len(s.train) + len(s.val) + dropped == len(data)
     assert 0.1 < len(s.val) / len(data) < 0.3
     assert s.manifest["validation_pairs_with_seen_texts"] == 0.0
     assert validation_warning(s) is None

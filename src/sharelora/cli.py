@@ -65,9 +65,10 @@ def _add_split(p: argparse.ArgumentParser) -> None:
         "--val-by",
         choices=("auto", "row", "group", "text"),
         default="auto",
-        help="carve validation as the test is split: by group, by text (its texts new to "
-        "training), or by row; auto: text when the test holds new texts (--split-col, or a "
-        "--test-data file of mostly new texts), else group with --group-col, else row",
+        help="carve validation as the test is split: by group, by text (pairs of two held-out "
+        "texts; pairs joining a held-out and a training text are dropped), or by row; auto: "
+        "text when the test holds new texts (--split-col, or a --test-data file of mostly new "
+        "texts), else group with --group-col, else row",
     )
     g.add_argument(
         "--test-data",

@@ -27,9 +27,9 @@ class SplitConfig:
             shuffle: the per-user sample size of the paper's theory.
         holdout_users: keep K whole users (drawn with the seed) out of training, for onboarding.
         val_by: how validation is carved from each user's non-test rows, so that it asks the
-            test's question: ``"group"`` (whole groups, as the test), ``"text"`` (a pair whose
-            text is held out for validation goes there: its texts are new to training, as new
-            test texts are), ``"row"`` (at random) or ``"auto"``: ``text`` when a split column
+            test's question: ``"group"`` (whole groups, as the test), ``"text"`` (texts are held
+            out: a pair of two held-out texts is validation, a pair of one held-out and one
+            training text is dropped, as a test of new texts is built), ``"row"`` (at random) or ``"auto"``: ``text`` when a split column
             fixes the test, else ``group`` when there is a group column, else ``row``.
     """
 
@@ -133,15 +133,17 @@ def _split_user(rows: list[Comparison], cfg: SplitConfig, user: str, val_by: str
             n_val = round(len(rest) * cfg.val)
         mine["val"], mine["train"] = rest[:n_val], rest[n_val:]
         return mine
-    # Under "text" each text is held out with probability p, so that about `val` of the pairs
-    # (either text held out) go to validation.
-    p_text = 1 - (1 - cfg.val) ** 0.5
+    # Under "text" each text is held out with probability sqrt(val), so that about `val` of the
+    # pairs hold two held-out texts. A pair of one held-out and one training text is neither:
+    # the model would know the user's verdict on one side, which a new-text test never shows.
+    p_text = cfg.val**0.5
     for c in rest:
         if val_by == "group":
-            held = _bucket(cfg.seed, c.group) < val_from + cfg.val
+            part = "val" if _bucket(cfg.seed, c.group) < val_from + cfg.val else "train"
         else:
-            held = min(_bucket(cfg.seed, t) for t in _texts(c)) < p_text
-        mine["val" if held else "train"].append(c)
+            held = [_bucket(cfg.seed, t) < p_text for t in _texts(c)]
+            part = "val" if all(held) else "dropped" if any(held) else "train"
+        mine.setdefault(part, []).append(c)
     rng.shuffle(mine["train"])
     return mine
 
@@ -180,7 +182,8 @@ def split_per_user(data: list[Comparison], config: SplitConfig | None = None) ->
     ``val`` is carved from the rest (by group when there is one). Without either, each user's
     rows are shuffled and cut at the fractions. A user left with no training row (every one of
     their groups drawn into val/test) is dropped from all splits and listed in the manifest
-    under ``dropped_without_training_rows``.
+    under ``dropped_without_training_rows``. Under ``val_by="text"`` the pairs that join a
+    held-out and a training text are in no split (counted in ``sizes``).
     """
     cfg = config or SplitConfig()
     by_user: dict[str, list[Comparison]] = collections.defaultdict(list)
@@ -199,12 +202,13 @@ def split_per_user(data: list[Comparison], config: SplitConfig | None = None) ->
     rng = random.Random(cfg.seed)
     holdout = sorted(rng.sample(sorted(users), cfg.holdout_users)) if cfg.holdout_users else []
     parts: dict[str, list[Comparison]] = {"train": [], "val": [], "test": []}
-    counts, untrained = {}, {}
+    counts, untrained, dropped = {}, {}, 0
     val_by = resolve_val_by([c for u in users for c in by_user[u]], cfg)
     for user in users:
         if user in holdout:
             continue
         mine = _split_user(by_user[user], cfg, user, val_by)
+        dropped += len(mine.pop("dropped", []))
         if cfg.max_per_user is not None:
             mine["train"] = mine["train"][: cfg.max_per_user]
         if not mine["train"]:
@@ -223,7 +227,8 @@ def split_per_user(data: list[Comparison], config: SplitConfig | None = None) ->
         "users": counts,
         "holdout_users": {u: len(by_user[u]) for u in holdout},
         "dropped_without_training_rows": untrained,
-        "sizes": {part: len(rows) for part, rows in parts.items()} | {"holdout": len(held)},
+        "sizes": {part: len(rows) for part, rows in parts.items()}
+        | {"holdout": len(held), "dropped_between_train_and_val": dropped},
         "sha256": {part: _fingerprint(rows) for part, rows in parts.items()}
         | {"holdout": _fingerprint(held)},
     }
