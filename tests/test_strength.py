@@ -135,7 +135,7 @@ def test_auto_strength_is_chosen_on_validation_loss(tiny_text_backbone, tmp_path
     result = train(model, data, val, _cfg(epochs=4, prior=0.0), tmp_path)
     tried = result["summary"]["shrinkage_val"]
     assert [float(s) for s in tried] == pytest.approx(list(SHRINKAGE), rel=1e-5)
-    best = min(tried, key=lambda s: (tried[s]["loss"], float(s)))
+    best = min(tried, key=lambda s: (tried[s]["calibrated_loss"], float(s)))
     assert result["summary"]["strength"] == pytest.approx(1 / (1 + float(best)), rel=1e-5)
     # These users disagree: the population (infinite shrinkage) cannot serve both.
     assert result["summary"]["strength"] >= 0.5
@@ -194,3 +194,19 @@ def test_select_best_off_uses_validation_only_for_strength(tiny_text_backbone, t
     evals = [e["at"] for e in log if e["event"] == "eval"]
     assert evals == ["final"] + [f"shrinkage {s:g}" for s in SHRINKAGE[1:]]
     assert result["summary"]["best_val_macro_accuracy"] is None
+
+
+def test_calibrated_loss_is_the_loss_of_the_ranking_at_its_best_scale():
+    from sharelora.evaluate import calibrated_loss
+
+    m = torch.tensor([2.0, 1.5, -0.5, 3.0, -1.0, 0.7])
+    raw = torch.nn.functional.softplus(-m).mean().item()
+    best = calibrated_loss(m)
+    assert best <= raw
+    # The scale is profiled out: over- or under-confident copies have the same value ...
+    assert calibrated_loss(5 * m) == pytest.approx(best, rel=1e-6)
+    assert calibrated_loss(0.2 * m) == pytest.approx(best, rel=1e-6)
+    # ... and it is the minimum over scales.
+    grid = [torch.nn.functional.softplus(-s * m).mean().item() for s in torch.linspace(0, 5, 501)]
+    assert best == pytest.approx(min(grid), abs=1e-4)
+    assert calibrated_loss(torch.tensor([1.0, 2.0])) < 1e-3  # no error: scale grows to the cap

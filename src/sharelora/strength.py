@@ -13,7 +13,11 @@ precision ``κ h`` shrinks the fit by ``n_u / (n_u + κ)``. A user with 5 compar
 
 ``strength="auto"`` chooses the prior's scale ``κ`` by validation likelihood over a grid
 (``SHRINKAGE`` times the median ``n_u``: γ = 1, ¾, ½, ¼, 0 for the median user), the same way
-for every method. Where users agree it picks a large κ (every user near the population; at
+for every method. The likelihood is that of the ranking the rewards make, with one scale of
+the margins profiled out (``evaluate.calibrated_loss``): a personal model fitted on a few
+comparisons is over-confident, and shrinking it lowers the raw loss by taming that scale even
+where it ranks worse. On Jester's seen jokes (K=50, n=10) the raw loss chose κ = 1 (test 0.672)
+where the profiled one chose κ = 0 (test 0.707). Where users agree it picks a large κ (every user near the population; at
 κ = ∞ the model *is* the population); where they disagree, a small one. A number ``γ`` in
 [0, 1] instead moves every user by that same fraction.
 """
@@ -45,8 +49,8 @@ def apply_strength(model, strength, val_metrics, evaluate_val, counts: torch.Ten
     """Set ``model`` to its strength; returns ``(γ of the median user, validation metrics
     there, {κ/median n: validation metrics} of every scale tried)``.
 
-    ``strength`` is ``"auto"`` (the lowest validation loss over ``SHRINKAGE``, ties to the
-    more personal) or a number γ for every user. ``val_metrics`` are those of the model as it
+    ``strength`` is ``"auto"`` (the lowest calibrated validation loss over ``SHRINKAGE``, ties
+    to the more personal) or a number γ for every user. ``val_metrics`` are those of the model as it
     is (κ = 0); ``evaluate_val(tag)`` evaluates the model in its current state; ``counts`` are
     the training comparisons of every user ``[N]``.
     """
@@ -67,6 +71,6 @@ def apply_strength(model, strength, val_metrics, evaluate_val, counts: torch.Ten
         kappa = scale * median
         pop.lerp(model, base, personal, 1 / (1 + scale), user_weights(counts, kappa))
         tried[scale] = evaluate_val(f"shrinkage {scale:g}")
-    best = min(tried, key=lambda s: (tried[s]["loss"], s))
+    best = min(tried, key=lambda s: (tried[s]["calibrated_loss"], s))
     pop.lerp(model, base, personal, 1 / (1 + best), user_weights(counts, best * median))
     return 1 / (1 + best), tried[best], tried
