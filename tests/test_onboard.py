@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import opposite_tastes
 
-from sharelora import AdapterConfig, PersonalizedRewardModel
+from sharelora import AdapterConfig, PersonalizedRewardModel, population
 from sharelora.data import Comparison
 from sharelora.evaluate import evaluate
 from sharelora.onboard import POPULATION, onboard
@@ -63,19 +63,25 @@ def _save(model, path):
     return path
 
 
-def test_new_rows_start_at_the_population_mean(trained, tmp_path):
+def test_new_rows_start_at_the_population(trained, tmp_path):
     model = PersonalizedRewardModel.from_pretrained(_save(trained, tmp_path))
-    tables = [t.detach().clone() for t in model.user_parameters()]
+    # Training with a prior stored its center (where every user started) as the population.
+    assert model.population is not None
+    start = population.of(model)
+    tables = {n: t.detach().clone() for n, t in population._user_tables(model).items()}
     (new_id,) = model.add_users(["zed"])
-    for old, grown in zip(tables, model.user_parameters(), strict=True):
-        torch.testing.assert_close(grown[new_id], old.mean(0))
-        assert torch.equal(grown[:new_id], old)
+    for name, grown in population._user_tables(model).items():
+        torch.testing.assert_close(grown[new_id], start[name][0])
+        assert torch.equal(grown[:new_id], tables[name])
     assert model.router.num_users == 3
+    model.population = None  # without a stored population: the mean over users
+    (other,) = model.add_users(["yan"])
+    for grown in model.user_parameters():
+        torch.testing.assert_close(grown[other], grown[:other].mean(0))
 
 
 def test_unknown_user_is_an_error_unless_population_asked(trained, tmp_path):
     model = PersonalizedRewardModel.from_pretrained(_save(trained, tmp_path))
-    trained_rows = [t.detach().clone() for t in model.user_parameters()]
     with pytest.raises(UnknownUserError, match="unknown user 'zed'"):
         score_texts(model, None, ["yes"], ["zed"])
     rewards = score_texts(
@@ -83,8 +89,9 @@ def test_unknown_user_is_an_error_unless_population_asked(trained, tmp_path):
     )
     assert rewards[0] == pytest.approx(rewards[1], abs=1e-6)  # same row, batch rounding aside
     assert model.users.names[-1] == POPULATION
-    for old, table in zip(trained_rows, model.user_parameters(), strict=True):
-        torch.testing.assert_close(table[-1], old.mean(0))
+    start = population.of(model)
+    for name, table in population._user_tables(model).items():
+        torch.testing.assert_close(table[-1], start[name][0])
 
 
 def test_onboarding_refuses_known_users_and_shared_models(trained, tiny_text_backbone):

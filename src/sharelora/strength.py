@@ -17,9 +17,9 @@ for every method. The likelihood is that of the ranking the rewards make, with o
 the margins profiled out (``evaluate.calibrated_loss``): a personal model fitted on a few
 comparisons is over-confident, and shrinking it lowers the raw loss by taming that scale even
 where it ranks worse. On Jester's seen jokes (K=50, n=10) the raw loss chose κ = 1 (test 0.672)
-where the profiled one chose κ = 0 (test 0.707). Where users agree it picks a large κ (every user near the population; at
-κ = ∞ the model *is* the population); where they disagree, a small one. A number ``γ`` in
-[0, 1] instead moves every user by that same fraction.
+where the profiled one chose κ = 0 (test 0.707). Where users agree it picks a large κ (every
+user near the population; at κ = ∞ the model *is* the population); where they disagree, a
+small one. A number ``γ`` in [0, 1] instead moves every user by that same fraction.
 """
 
 from __future__ import annotations

@@ -27,10 +27,11 @@ class SplitConfig:
             shuffle: the per-user sample size of the paper's theory.
         holdout_users: keep K whole users (drawn with the seed) out of training, for onboarding.
         val_by: how validation is carved from each user's non-test rows, so that it asks the
-            test's question: ``"group"`` (whole groups, as the test), ``"text"`` (texts are held
-            out: a pair of two held-out texts is validation, a pair of one held-out and one
-            training text is dropped, as a test of new texts is built), ``"row"`` (at random) or ``"auto"``: ``text`` when a split column
-            fixes the test, else ``group`` when there is a group column, else ``row``.
+            test's question: ``"group"`` (whole groups, as the test), ``"text"`` (texts are
+            held out: a pair of two held-out texts is validation, a pair of one held-out and
+            one training text is dropped, as a test of new texts is built), ``"row"`` (at
+            random) or ``"auto"``: ``text`` when a split column fixes the test, else
+            ``group`` when there is a group column, else ``row``.
     """
 
     val: float = 0.1
