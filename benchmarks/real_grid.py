@@ -92,6 +92,8 @@ def tables(store: dict, methods: list[str], title: str) -> str:
             return _mean_sd(runs) if runs else "—"
 
         def strength(n, method):
+            if method.startswith("shared"):
+                return "—"  # one reward for everyone: nothing to shrink
             runs = pick(n, method, "strength")
             return f"{statistics.mean(runs):.2f}" if runs else "—"
 

@@ -70,6 +70,9 @@ def run(args) -> dict:
         "from_shared": True,
         "select_best": False,
         "strength": "auto",
+        # Cells before the prior and the ranking-loss shrinkage (real_ukp.json) lack these.
+        "prior": TrainConfig().prior,
+        "shrinkage_by": "calibrated_loss",
     }
     store = json.loads(path.read_text()) if path.exists() else {"cells": {}, "settings": settings}
     if store.get("settings") != settings:

@@ -122,7 +122,6 @@ def compare(
         f"{len(splits.train)}; test pairs: {len(test)}; users: {len(splits.users)}.\n\n"
         f"{diagnostics_text(diag)}\n",
     )
-    log(diagnostics_text(diag))
     plot_accuracy(results, out / "accuracy.png", title="per-user test accuracy")
     write_json(
         out / "summary.json",
