@@ -153,7 +153,7 @@ def test_deviation_penalty_is_the_prior_on_each_users_summed_loss(tiny_text_back
     for name, table in population._user_tables(model).items():
         center = model.population[name][0]
         for u in pair_users.tolist():
-            expected += float((table[u] - center).pow(2).sum()) / (2 * counts[u]) / 3
+            expected += (table[u] - center).pow(2).sum().item() / (2 * counts[u].item()) / 3
     assert got.item() == pytest.approx(expected, rel=1e-5)
 
 
