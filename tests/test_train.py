@@ -163,7 +163,7 @@ def test_prior_holds_users_near_the_population(
 ):
     def deviation(model):
         return [
-            sum(float((t[u] - model.population[n][0]).pow(2).sum()) for n, t in
+            sum((t[u] - model.population[n][0]).pow(2).sum().item() for n, t in
                 population._user_tables(model).items())
             for u in range(2)
         ]  # fmt: skip
