@@ -9,6 +9,7 @@ beside them.
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import tempfile
@@ -21,16 +22,36 @@ from sharelora import DEFAULT_BACKBONE, AdapterConfig
 from sharelora.compare import compare
 from sharelora.train import TrainConfig
 
+ROOT = Path(__file__).resolve().parents[1]
 # The setting of every cell: MiniLM, adapters in the top block (frozen blocks cached).
 ADAPTER = AdapterConfig(rank=8, alpha=16, targets=["query", "value"], top_layers=1)
 ROW_KEYS = ("protocol", "method", "n", "seed", "macro_accuracy", "micro_accuracy")
+METHODS = "shared,shared+from-shared,independent,sharelora,sharelora+unpooled,head,core,diag"
+QUICK_METHODS = "shared,shared+from-shared,sharelora,head"
+
+
+def parser(doc: str, data: Path, name: str, n: str) -> argparse.ArgumentParser:
+    """The flags every real-data grid takes; ``--quick`` and the rest are the caller's."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--data", default=str(data))
+    p.add_argument("--n", default=n)
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--methods", default=METHODS)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / f"{name}.json"))
+    return p
 
 
 def cell_key(protocol: str, k, n, seed: int, method: str) -> str:
     return f"{protocol} K={k} n={n} seed={seed} {method}"
 
 
-def open_store(path: Path, settings: dict) -> dict:
+def open_store(path: Path, args) -> dict:
+    """The cells stored at ``path``, which must have been run with ``args``' settings."""
+    settings = {"epochs": args.epochs, "lr": args.lr, "max_length": args.max_length,
+                "top_layers": ADAPTER.top_layers, "from_shared": True}  # fmt: skip
     store = json.loads(path.read_text()) if path.exists() else {"cells": {}, "settings": settings}
     if store.get("settings") != settings:
         raise SystemExit(
@@ -109,8 +130,8 @@ def tables(store: dict, methods: list[str], title: str) -> str:
     return "\n".join(lines)
 
 
-def finish(store: dict, path: Path, methods: list[str], title: str, started: float) -> None:
-    text = tables(store, methods, title)
+def finish(store: dict, path: Path, title: str, started: float) -> None:
+    text = tables(store, METHODS.split(","), title)
     path.with_suffix(".md").write_text(text + "\n")
     print(text)
     print(json.dumps([{k: c[k] for k in ROW_KEYS} for c in store["cells"].values()]))

@@ -19,18 +19,15 @@ protocol, method, n, seed, macro_accuracy, micro_accuracy, ...) and FILE.md (tab
 
 from __future__ import annotations
 
-import argparse
 import random
 import time
 from pathlib import Path
 
-from real_grid import finish, open_store, run_cell
+from real_grid import QUICK_METHODS, finish, open_store, parser, run_cell
 
 from sharelora.data import Columns, SplitConfig, read_preferences, split_per_user
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "jester" / "pairs.jsonl.gz"
-METHODS = "shared,shared+from-shared,independent,sharelora,sharelora+unpooled,head,core,diag"
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "jester" / "pairs.jsonl.gz"
 PROTOCOLS = {
     "new": {"columns": Columns(group="pair_id", split="split"), "test": 0.0},
     "seen": {"columns": Columns(group="pair_id"), "test": 0.2},
@@ -38,22 +35,13 @@ PROTOCOLS = {
 
 
 def args_():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = parser(__doc__, DATA, "real_jester", n="10,25,50")
     p.add_argument("--quick", action="store_true", help="K=50, n=10, seed 0, four methods")
-    p.add_argument("--data", default=str(DATA))
     p.add_argument("--protocols", default="new,seen")
     p.add_argument("--k", type=int, default=100)
-    p.add_argument("--n", default="10,25,50")
-    p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--methods", default=METHODS)
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--max-length", type=int, default=256)
-    p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "real_jester.json"))
     args = p.parse_args()
     if args.quick:
-        args.k, args.n, args.seeds = 50, "10", "0"
-        args.methods = "shared,shared+from-shared,sharelora,head"
+        args.k, args.n, args.seeds, args.methods = 50, "10", "0", QUICK_METHODS
     return args
 
 
@@ -75,9 +63,7 @@ def protocol_splits(rows, protocol: str, k: int, n: int, seed: int):
 def main() -> None:
     args, started = args_(), time.time()
     path = Path(args.json)
-    settings = {"epochs": args.epochs, "lr": args.lr, "max_length": args.max_length,
-                "top_layers": 1, "from_shared": True}  # fmt: skip
-    store = open_store(path, settings)
+    store = open_store(path, args)
     methods = args.methods.split(",")
     for protocol in args.protocols.split(","):
         rows, report = read_preferences(args.data, PROTOCOLS[protocol]["columns"])
@@ -89,7 +75,7 @@ def main() -> None:
                 cache = run_cell(
                     store, path, protocol, args.k, n, seed, methods, splits, args, cache
                 )
-    finish(store, path, METHODS.split(","), "Jester", started)
+    finish(store, path, "Jester", started)
 
 
 if __name__ == "__main__":

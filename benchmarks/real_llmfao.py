@@ -13,43 +13,29 @@ Resumes cell by cell. Writes FILE (default benchmarks/results/real_llmfao.json) 
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
-from real_grid import finish, open_store, run_cell
+from real_grid import QUICK_METHODS, finish, open_store, parser, run_cell
 
 from sharelora.data import Columns, SplitConfig, read_preferences, split_per_user
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "llmfao" / "pairs.jsonl.gz"
-METHODS = "shared,shared+from-shared,independent,sharelora,sharelora+unpooled,head,core,diag"
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "llmfao" / "pairs.jsonl.gz"
 
 
 def args_():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = parser(__doc__, DATA, "real_llmfao", n="10")
     p.add_argument("--quick", action="store_true", help="n=10, seed 0, four methods")
-    p.add_argument("--data", default=str(DATA))
-    p.add_argument("--n", default="10")
-    p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--methods", default=METHODS)
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--max-length", type=int, default=256)
-    p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "real_llmfao.json"))
     args = p.parse_args()
     if args.quick:
-        args.n, args.seeds = "10", "0"
-        args.methods = "shared,shared+from-shared,sharelora,head"
+        args.n, args.seeds, args.methods = "10", "0", QUICK_METHODS
     return args
 
 
 def main() -> None:
     args, started = args_(), time.time()
     path = Path(args.json)
-    settings = {"epochs": args.epochs, "lr": args.lr, "max_length": args.max_length,
-                "top_layers": 1, "from_shared": True}  # fmt: skip
-    store = open_store(path, settings)
+    store = open_store(path, args)
     # 531 rows have an empty response (a model that answered nothing): skipped, as counted.
     rows, report = read_preferences(args.data, Columns(group="pair_id"), on_bad_rows="skip")
     print(report.summary(), flush=True)
@@ -62,7 +48,7 @@ def main() -> None:
             k = len(splits.users)
             cache = run_cell(store, path, "pair_id", k, n, seed, args.methods.split(","), splits,
                              args, cache)  # fmt: skip
-    finish(store, path, METHODS.split(","), "LLMFAO", started)
+    finish(store, path, "LLMFAO", started)
 
 
 if __name__ == "__main__":
