@@ -133,6 +133,7 @@ class _UserTables(nn.Module):
 
     _TABLES = ("user_A", "user_B", "user_C", "user_d", "user_W")
     router: UserRouter
+    is_head = False  # the head method's per-user score head (sharelora.head), not a LoRA layer
 
     @property
     def user_parameters(self) -> dict[str, nn.Parameter]:

@@ -49,12 +49,10 @@ def export_peft(model: PersonalizedRewardModel, user, directory: Path) -> None:
     """
     uid = model.user_index(user)
     cfg = model.adapter_config
-    layers = {n: m for n, m in model.adapter_layers.items() if not getattr(m, "is_head", False)}
+    layers = {n: m for n, m in model.adapter_layers.items() if not m.is_head}
     # The head method's w̄ + δ_u is this user's head: it goes in modules_to_save.
     head_deltas = {
-        f"{n}.weight": m.delta_weight(uid)
-        for n, m in model.adapter_layers.items()
-        if getattr(m, "is_head", False)
+        f"{n}.weight": m.delta_weight(uid) for n, m in model.adapter_layers.items() if m.is_head
     }
     heads = sorted({n.rsplit(".", 1)[0] for n in model.trainable_backbone_names})
     lora = LoraConfig(

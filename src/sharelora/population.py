@@ -63,7 +63,7 @@ def from_shared(model, shared) -> dict[str, torch.Tensor]:
     source = shared.trainable_state_dict()
     out = from_row(model)  # names and shapes; every value below is overwritten
     for name, layer in model.adapter_layers.items():
-        if getattr(layer, "is_head", False):
+        if layer.is_head:
             out[f"{name}.user_W"].zero_()  # the shared head alone: no offset
             continue
         for key in ("A", "B"):

@@ -59,7 +59,7 @@ class PrefixCache:
         adapted = [
             block_of(n, path)
             for n, layer in model.adapter_layers.items()
-            if not getattr(layer, "is_head", False)  # the head runs after the blocks anyway
+            if not layer.is_head  # the head runs after the blocks anyway
         ]
         if any(i is None for i in adapted):
             raise ValueError("a prefix cache needs every adapter inside the transformer blocks")
