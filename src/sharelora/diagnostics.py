@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import random
 import statistics
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 from .data import Comparison
+from .evaluate import bootstrap_ci
 
 
 def disagreement(rows: list[Comparison]) -> dict:
@@ -27,19 +28,12 @@ def disagreement(rows: list[Comparison]) -> dict:
         verdicts[(c.prompt, frozenset((c.chosen, c.rejected)))][c.user] = c.chosen
     total = disagree = 0
     for by_user in verdicts.values():
-        counts = list(_count(by_user.values()).values())
+        counts = list(Counter(by_user.values()).values())
         n = sum(counts)
         total += n * (n - 1) // 2
         if len(counts) == 2:
             disagree += counts[0] * counts[1]
     return {"rate": disagree / total if total else None, "user_pairs": total}
-
-
-def _count(values) -> dict:
-    out: dict = defaultdict(int)
-    for v in values:
-        out[v] += 1
-    return out
 
 
 def paired_gain(metrics: dict, baseline: dict, resamples: int = 2000, seed: int = 0) -> dict:
@@ -49,14 +43,8 @@ def paired_gain(metrics: dict, baseline: dict, resamples: int = 2000, seed: int 
     diffs = [metrics["users"][u]["accuracy"] - baseline["users"][u]["accuracy"] for u in users]
     if not diffs:
         return {"gain": None, "low": None, "high": None, "users": 0}
-    rng = random.Random(seed)
-    means = sorted(statistics.fmean(rng.choices(diffs, k=len(diffs))) for _ in range(resamples))
-    return {
-        "gain": statistics.fmean(diffs),
-        "low": means[int(0.025 * resamples)],
-        "high": means[int(0.975 * resamples) - 1],
-        "users": len(users),
-    }
+    low, high = bootstrap_ci(diffs, seed, resamples)
+    return {"gain": statistics.fmean(diffs), "low": low, "high": high, "users": len(users)}
 
 
 def shuffled_users(rows: list[Comparison], seed: int = 0) -> list[Comparison]:
