@@ -71,9 +71,7 @@ def budget(
     # weights, shared factors with their Adam state and gradients, and the batch's rows.
     batch_rows = counts["per_user"] * min(users, batch_users) * 4
     host_bytes = user_total * 4 + user_state_bytes[user_state]
-    device_bytes = (
-        counts["frozen"] * weight_bytes + counts["shared"] * 4 * 4 + 2 * batch_rows
-    )
+    device_bytes = counts["frozen"] * weight_bytes + counts["shared"] * 4 * 4 + 2 * batch_rows
     return {
         "users": users,
         "per_user": counts["per_user"],

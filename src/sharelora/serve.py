@@ -43,7 +43,6 @@ class _Job:
     done: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
-
 class Batcher:
     """Dynamic batching: one model call for the rows of all requests that arrive together.
 
