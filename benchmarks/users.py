@@ -96,6 +96,7 @@ def main():
     p.add_argument("--one", nargs=4, help=argparse.SUPPRESS)  # METHOD SPARSE STATE N
     p.add_argument("--rows", help="only the rows whose name contains this, e.g. row-wise")
     p.add_argument("--max-users", type=int, help="skip sizes above this")
+    p.add_argument("--min-users", type=int, help="skip sizes below this")
     args = p.parse_args()
     rounds = 2 if args.quick else 4
     if args.one:
@@ -107,7 +108,8 @@ def main():
         if args.rows and args.rows not in name:
             continue
         for n in sizes:
-            if (args.quick and n >= 100_000) or (args.max_users and n > args.max_users):
+            too_big = (args.quick and n >= 100_000) or (args.max_users and n > args.max_users)
+            if too_big or (args.min_users and n < args.min_users):
                 continue
             cmd = [sys.executable, __file__, "--one", method, str(int(sparse)), state, str(n)]
             cmd += ["--quick"] if args.quick else []
