@@ -12,7 +12,7 @@ from sharelora import AdapterConfig, PersonalizedRewardModel, population
 from sharelora.compare import compare
 from sharelora.config import SHRINKAGE
 from sharelora.data import split_per_user
-from sharelora.strength import user_weights
+from sharelora.strength import one_standard_error, paired_se, user_weights
 from sharelora.train import TrainConfig, train
 
 PERSONAL = ["independent", "sharelora", "sharelora-b", "core", "diag", "head"]
@@ -135,8 +135,11 @@ def test_auto_strength_is_chosen_on_validation_loss(tiny_text_backbone, tmp_path
     result = train(model, data, val, _cfg(epochs=4, prior=0.0), tmp_path)
     tried = result["summary"]["shrinkage_val"]
     assert [float(s) for s in tried] == pytest.approx(list(SHRINKAGE), rel=1e-5)
-    best = min(tried, key=lambda s: (tried[s]["calibrated_loss"], float(s)))
-    assert result["summary"]["strength"] == pytest.approx(1 / (1 + float(best)), rel=1e-5)
+    # The one-standard-error rule: the strongest shrinkage within one paired error of the
+    # lowest loss.
+    low = min(m["calibrated_loss"] for m in tried.values())
+    within = [float(s) for s, m in tried.items() if m["calibrated_loss"] - low <= m["se"]]
+    assert result["summary"]["strength"] == pytest.approx(1 / (1 + max(within)), rel=1e-5)
     # These users disagree: the population (infinite shrinkage) cannot serve both.
     assert result["summary"]["strength"] >= 0.5
     assert tried["inf"]["macro_accuracy"] < tried["0"]["macro_accuracy"]
@@ -210,3 +213,46 @@ def test_calibrated_loss_is_the_loss_of_the_ranking_at_its_best_scale():
     grid = [torch.nn.functional.softplus(-s * m).mean().item() for s in torch.linspace(0, 5, 501)]
     assert best == pytest.approx(min(grid), abs=1e-4)
     assert calibrated_loss(torch.tensor([1.0, 2.0])) < 1e-3  # no error: scale grows to the cap
+
+
+def _users(losses: dict[str, tuple[float, int]]) -> dict:
+    return {u: {"calibrated_loss": loss, "n": n} for u, (loss, n) in losses.items()}
+
+
+def test_paired_se_clusters_the_difference_by_user():
+    a = _users({"x": (0.5, 2), "y": (0.7, 4), "z": (0.4, 1)})
+    b = _users({"x": (0.6, 2), "y": (0.6, 4), "z": (0.6, 1)})
+    # Summed differences per user: -0.2, +0.4, -0.2 over 7 pairs; mean 0/7 = 0.
+    d, n = torch.tensor([-0.2, 0.4, -0.2]), torch.tensor([2.0, 4.0, 1.0])
+    mean = d.sum() / n.sum()
+    expected = (((d - n * mean) ** 2).sum() * 3 / 2).sqrt() / n.sum()
+    assert paired_se(a, b) == pytest.approx(expected.item(), rel=1e-6)
+    assert paired_se(a, a) == 0.0
+    assert paired_se(_users({"x": (0.5, 3)}), _users({"x": (0.9, 3)})) == 0.0  # one user
+
+
+def _tried(users_by_scale: dict[float, dict]) -> dict:
+    out = {}
+    for scale, users in users_by_scale.items():
+        pairs = sum(v["n"] for v in users.values())
+        mean = sum(v["calibrated_loss"] * v["n"] for v in users.values()) / pairs
+        out[scale] = {"calibrated_loss": mean, "users": users}
+    return out
+
+
+@pytest.mark.parametrize(
+    "personal, expected",
+    [
+        # Every user is clearly better personal: the lowest loss is kept.
+        ({"x": (0.40, 10), "y": (0.42, 10), "z": (0.41, 10)}, 0.0),
+        # Lower on average, but one lucky user carries it: within the error, the population.
+        ({"x": (0.20, 10), "y": (0.70, 10), "z": (0.68, 10)}, float("inf")),
+    ],
+)
+def test_one_standard_error_keeps_the_population_unless_the_gain_is_clear(personal, expected):
+    population = _users({"x": (0.60, 10), "y": (0.60, 10), "z": (0.60, 10)})
+    tried = _tried({0.0: _users(personal), float("inf"): population})
+    chosen, se = one_standard_error(tried)
+    assert chosen == expected
+    assert se[0.0] == 0.0  # the lowest loss against itself
+    assert tried[0.0]["calibrated_loss"] < tried[float("inf")]["calibrated_loss"]

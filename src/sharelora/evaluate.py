@@ -22,16 +22,23 @@ def summarize(
     bootstrap: int = 1000,
 ) -> dict:
     """The ``metrics.json`` dict (design §4) from per-pair margins ``r+ − r−``."""
-    per_user = defaultdict(lambda: {"correct": 0.0, "loss": 0.0, "n": 0})
+    per_user = defaultdict(lambda: {"correct": 0.0, "loss": 0.0, "calibrated_loss": 0.0, "n": 0})
     m = torch.tensor(margins, dtype=torch.float64)
     credit, losses = pair_correct(m).tolist(), F.softplus(-m).tolist()
-    for user, c, loss in zip(users, credit, losses, strict=True):
+    calibrated = calibrated_losses(m)
+    for user, c, loss, cal in zip(users, credit, losses, calibrated.tolist(), strict=True):
         s = per_user[user]
         s["correct"] += c
         s["loss"] += loss
+        s["calibrated_loss"] += cal
         s["n"] += 1
     table = {
-        u: {"accuracy": s["correct"] / s["n"], "loss": s["loss"] / s["n"], "n": s["n"]}
+        u: {
+            "accuracy": s["correct"] / s["n"],
+            "loss": s["loss"] / s["n"],
+            "calibrated_loss": s["calibrated_loss"] / s["n"],
+            "n": s["n"],
+        }
         for u, s in sorted(per_user.items())
     }
     accs = [v["accuracy"] for v in table.values()]
@@ -42,7 +49,7 @@ def summarize(
         "macro_accuracy": sum(accs) / len(accs) if accs else float("nan"),
         "micro_accuracy": sum(s["correct"] for s in per_user.values()) / max(len(margins), 1),
         "loss": sum(s["loss"] for s in per_user.values()) / max(len(margins), 1),
-        "calibrated_loss": calibrated_loss(m),
+        "calibrated_loss": calibrated.mean().item() if len(margins) else float("nan"),
         "n": len(margins),
     }
     if accs and bootstrap:
@@ -50,20 +57,24 @@ def summarize(
     return out
 
 
-def calibrated_loss(margins: torch.Tensor, iterations: int = 30) -> float:
-    """The mean Bradley-Terry loss of ``s · margins`` at the best scale ``s >= 0``: the loss of
-    the ranking the margins make, with their over- or under-confidence taken out. Convex in
-    ``s``; Newton steps from ``s = 1``, capped at 1e3 (a ranking with no error wants ``s → ∞``)."""
-    if not len(margins):
-        return float("nan")
+def calibrated_losses(margins: torch.Tensor, iterations: int = 30) -> torch.Tensor:
+    """Per-pair Bradley-Terry losses ``[P]`` of ``s · margins`` at the scale ``s >= 0`` that
+    makes their mean lowest: the loss of the ranking the margins make, with their over- or
+    under-confidence taken out. Convex in ``s``; Newton steps from ``s = 1``, capped at 1e3 (a
+    ranking with no error wants ``s → ∞``)."""
     m, s = margins.double(), torch.tensor(1.0, dtype=torch.float64)
-    for _ in range(iterations):
+    for _ in range(iterations if len(m) else 0):
         p = torch.sigmoid(-s * m)  # [P]: the probability the pair's order is wrong
         grad, hess = (-m * p).mean(), (m * m * p * (1 - p)).mean()
         if hess <= 0:
             break
         s = (s - grad / hess).clamp(0.0, 1e3)
-    return F.softplus(-s * m).mean().item()
+    return F.softplus(-s * m)
+
+
+def calibrated_loss(margins: torch.Tensor) -> float:
+    """The mean of ``calibrated_losses`` (nan without pairs)."""
+    return calibrated_losses(margins).mean().item() if len(margins) else float("nan")
 
 
 def bootstrap_ci(values: list[float], seed: int = 0, rounds: int = 1000) -> list[float]:

@@ -20,6 +20,13 @@ where it ranks worse (on Jester's seen jokes the raw loss chose a strong shrinka
 test accuracy; see docs/personalization.md). Where users agree it picks a large κ (every
 user near the population; at κ = ∞ the model *is* the population); where they disagree, a
 small one. A number ``γ`` in [0, 1] instead moves every user by that same fraction.
+
+The choice follows the one-standard-error rule (Breiman et al. 1984; Hastie, Tibshirani and
+Friedman, *Elements of Statistical Learning* §7.10): the strongest shrinkage whose loss is
+within one standard error of the lowest. The error is that of the paired difference, with
+the validation pairs clustered by user (``paired_se``). A validation set holds a few pairs per
+user, and on new texts the lowest loss is often a lucky draw: the population is kept unless
+the data say clearly that users differ.
 """
 
 from __future__ import annotations
@@ -45,14 +52,40 @@ def user_weights(counts: torch.Tensor, kappa: float) -> torch.Tensor:
     return counts / (counts + kappa)
 
 
+def paired_se(a: dict, b: dict) -> float:
+    """Standard error of ``a``'s mean calibrated loss minus ``b``'s on the same validation
+    pairs, clustered by user: ``a`` and ``b`` are ``summarize``'s per-user tables. A user's pairs
+    share their parameters, so they are not independent; their summed difference is. Zero with
+    fewer than two users (the rule then takes the lowest loss)."""
+    n = torch.tensor([a[u]["n"] for u in a], dtype=torch.float64)  # [U]
+    diff = torch.tensor([a[u]["calibrated_loss"] - b[u]["calibrated_loss"] for u in a])
+    if len(n) < 2:
+        return 0.0
+    d = n * diff.double()  # [U]: each user's summed difference
+    mean = d.sum() / n.sum()
+    spread = ((d - n * mean) ** 2).sum() * len(n) / (len(n) - 1)
+    return (spread.sqrt() / n.sum()).item()
+
+
+def one_standard_error(tried: dict[float, dict]) -> tuple[float, dict[float, float]]:
+    """The largest shrinkage in ``tried`` ({scale: validation metrics}) whose calibrated loss
+    is within one paired standard error of the lowest; also each scale's error against it."""
+    best = min(tried, key=lambda s: (tried[s]["calibrated_loss"], s))
+    low = tried[best]["calibrated_loss"]
+    se = {s: paired_se(m["users"], tried[best]["users"]) for s, m in tried.items()}
+    within = [s for s, m in tried.items() if m["calibrated_loss"] - low <= se[s]]
+    return max(within), se
+
+
 def apply_strength(model, strength, val_metrics, evaluate_val, counts: torch.Tensor):
     """Set ``model`` to its strength; returns ``(γ of the median user, validation metrics
-    there, {κ/median n: validation metrics} of every scale tried)``.
+    there, {κ/median n: validation metrics} of every scale tried)``; each tried scale's metrics
+    carry ``se``, the paired standard error of its loss against the lowest.
 
-    ``strength`` is ``"auto"`` (the lowest calibrated validation loss over ``SHRINKAGE``, ties
-    to the more personal) or a number γ for every user. ``val_metrics`` are those of the model as it
-    is (κ = 0); ``evaluate_val(tag)`` evaluates the model in its current state; ``counts`` are
-    the training comparisons of every user ``[N]``.
+    ``strength`` is ``"auto"`` (the one-standard-error rule over ``SHRINKAGE``) or a number γ
+    for every user. ``val_metrics`` are those of the model as it is (κ = 0);
+    ``evaluate_val(tag)`` evaluates the model in its current state; ``counts`` are the training
+    comparisons of every user ``[N]``.
     """
     if not model.adapter_config.personalized or strength == 1:
         return 1.0, val_metrics, {}
@@ -71,6 +104,7 @@ def apply_strength(model, strength, val_metrics, evaluate_val, counts: torch.Ten
         kappa = scale * median
         pop.lerp(model, base, personal, 1 / (1 + scale), user_weights(counts, kappa))
         tried[scale] = evaluate_val(f"shrinkage {scale:g}")
-    best = min(tried, key=lambda s: (tried[s]["calibrated_loss"], s))
-    pop.lerp(model, base, personal, 1 / (1 + best), user_weights(counts, best * median))
-    return 1 / (1 + best), tried[best], tried
+    chosen, se = one_standard_error(tried)
+    tried = {s: {**m, "se": se[s]} for s, m in tried.items()}
+    pop.lerp(model, base, personal, 1 / (1 + chosen), user_weights(counts, chosen * median))
+    return 1 / (1 + chosen), tried[chosen], tried

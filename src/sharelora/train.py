@@ -378,7 +378,7 @@ class Trainer:
             "prior": cfg.prior if self.counts is not None else 0.0,
             "strength": strength,
             "shrinkage_val": {
-                f"{s:g}": {k: m[k] for k in ("macro_accuracy", "loss", "calibrated_loss")}
+                f"{s:g}": {k: m[k] for k in ("macro_accuracy", "loss", "calibrated_loss", "se")}
                 for s, m in sorted(tried.items())
             },
             "parameters": model.parameter_report(),
