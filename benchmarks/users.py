@@ -7,8 +7,12 @@ each batch). Rows:
     paper's code does (``--sparse-users off``).
   * "sharelora, row-wise state": one optimizer number per user row and table
     (``--user-state rowwise``) instead of Adam's two moments per coordinate.
-Before timing, every user takes one training step (users in chunks, short texts), so no part
-of the tables or their optimizer state is left untouched. Targets: sharelora at 1e4 users within
+Before timing, no part of the tables or their optimizer state is left untouched (zeroed
+memory is not resident until written): below 1e5 users every user takes one training step
+(users in chunks, short texts); from 1e5 (a training pass over 1e6 users would take hours on
+2 cores) one step initialises the optimizer and every element of every user table and its
+state is then written in place, as a step on each user would (``--touch`` forces either way;
+the two give the same peak, see docs/results.md). Targets: sharelora at 1e4 users within
 1.25x of its 5-user step; core and diag at 1e5 users within 1.25x of theirs; row-wise state at
 2e4 users: peak memory <= 0.5x and step time <= 1.1x of full Adam state.
 Each size runs in its own process (so the peak resident memory is its
@@ -51,9 +55,27 @@ CONFIGS = [  # (row name, method, sparse user tables, user state, N values)
 ]
 TOUCH_ROWS = 256  # users per step of the pass that trains every user once (small: its
 # activations must not set the peak)
+TRAIN_TOUCH_BELOW = 100_000  # from here on, --touch auto writes the tables instead
 
 
-def _step_fn(method: str, sparse: bool, state: str, users: int, touch: bool = False):
+def _touch(model, opt, users: int, how: str) -> None:
+    """Make every user's rows and optimizer state resident: ``train`` steps every user once,
+    ``write`` steps the first ``TOUCH_ROWS`` users (the optimizer's state exists) and then
+    writes every element of each user table and its state in place."""
+    train = how == "train" or (how == "auto" and users < TRAIN_TOUCH_BELOW)
+    for start in range(0, users if train else min(users, TOUCH_ROWS), TOUCH_ROWS):
+        ids = torch.arange(start, min(start + TOUCH_ROWS, users))
+        rows = pair_batch(pairs=len(ids), length=8, users=1)
+        rows["user_ids"] = torch.cat([ids, ids])
+        bt_step(lambda b: model(**b), opt, rows)
+    if not train:
+        with torch.no_grad():
+            for table in model.user_parameters():
+                for t in (table, *opt.state[table].values()):
+                    t.mul_(1)
+
+
+def _step_fn(method: str, sparse: bool, state: str, users: int, touch: str | None = None):
     backbone, _ = minilm()
     model = PersonalizedRewardModel(
         backbone,
@@ -62,21 +84,17 @@ def _step_fn(method: str, sparse: bool, state: str, users: int, touch: bool = Fa
     ).train()
     opt = build_optimizer(model, lr=1e-4, sparse_users=sparse, user_state=state)
     if touch:
-        for start in range(0, users, TOUCH_ROWS):
-            ids = torch.arange(start, min(start + TOUCH_ROWS, users))
-            rows = pair_batch(pairs=len(ids), length=8, users=1)
-            rows["user_ids"] = torch.cat([ids, ids])
-            bt_step(lambda b: model(**b), opt, rows)
+        _touch(model, opt, users, touch)
     batch = pair_batch()
     batch["user_ids"] = batch["user_ids"] * (users // 5)  # 5 users spread over the table
     return lambda: bt_step(lambda b: model(**b), opt, batch)
 
 
-def one(method: str, sparse: bool, state: str, users: int, rounds: int) -> dict:
+def one(method: str, sparse: bool, state: str, users: int, rounds: int, touch: str) -> dict:
     """Step time at ``users`` users and at 5 users, interleaved in this process (so the ratio
     is measured side by side), and this process's peak memory before the 5-user twin exists."""
     torch.manual_seed(0)
-    big = _step_fn(method, sparse, state, users, touch=True)
+    big = _step_fn(method, sparse, state, users, touch=touch)
     big()
     big()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB -> GiB
@@ -97,11 +115,12 @@ def main():
     p.add_argument("--rows", help="only the rows whose name contains this, e.g. row-wise")
     p.add_argument("--max-users", type=int, help="skip sizes above this")
     p.add_argument("--min-users", type=int, help="skip sizes below this")
+    p.add_argument("--touch", choices=["auto", "train", "write"], default="auto")
     args = p.parse_args()
     rounds = 2 if args.quick else 4
     if args.one:
         method, sparse, state, users = args.one[0], args.one[1] == "1", args.one[2], args.one[3]
-        print(json.dumps(one(method, sparse, state, int(users), rounds)))
+        print(json.dumps(one(method, sparse, state, int(users), rounds, args.touch)))
         return
     results, rows = [], []
     for name, method, sparse, state, sizes in CONFIGS:
@@ -112,12 +131,14 @@ def main():
             if too_big or (args.min_users and n < args.min_users):
                 continue
             cmd = [sys.executable, __file__, "--one", method, str(int(sparse)), state, str(n)]
-            cmd += ["--quick"] if args.quick else []
+            cmd += ["--touch", args.touch] + (["--quick"] if args.quick else [])
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
             r = json.loads(out.strip().splitlines()[-1])
+            forced = {} if args.touch == "auto" else {"touch": args.touch}
             results.append(
-                {"row": name, "method": method, "sparse": sparse, "state": state, "users": n, **r}
-            )
+                {"row": name, "method": method, "sparse": sparse, "state": state, "users": n,
+                 **forced, **r}
+            )  # fmt: skip
             rows.append(
                 [
                     name,
