@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import datasets
 import pytest
@@ -65,7 +66,7 @@ def test_every_format_reads_the_same(tmp_path, fmt):
         (tmp_path / "hub" / "data").mkdir(parents=True)
         table.to_parquet(str(tmp_path / "hub" / "data" / "train-00000-of-00001.parquet"))
         src = f"hf:{tmp_path / 'hub'}"
-    data, report = read_preferences(src)
+    data, report = read_preferences(src if fmt == "hf" else Path(src))  # a path or a str
     assert [(c.prompt, c.chosen, c.rejected, c.user) for c in data] == [
         ("Q1", "yes", "no", "ann"),
         ("Q2", "a", "b", "1"),

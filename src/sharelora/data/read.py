@@ -6,6 +6,7 @@ import collections
 import csv
 import gzip
 import json
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,7 +140,7 @@ def _check_row(obj: dict, cols: Columns) -> tuple[Comparison | None, str | None,
 
 
 def read_preferences(
-    source: str,
+    source: str | os.PathLike,
     columns: Columns | None = None,
     on_bad_rows: str = "error",
     split: str = "train",
@@ -147,14 +148,15 @@ def read_preferences(
     """Read and validate comparisons from ``source``.
 
     Args:
-        source: a ``.jsonl``/``.jsonl.gz``/``.csv``/``.parquet`` path, ``hf:NAME[:CONFIG]`` (a
+        source: a ``.jsonl``/``.jsonl.gz``/``.csv``/``.parquet`` path (``str`` or
+            ``os.PathLike``), ``hf:NAME[:CONFIG]`` (a
             hub id or a local directory in the hub's layout), or ``builtin:demo``.
         columns: source column names.
         on_bad_rows: ``"error"`` raises ``DataError`` naming every bad row (up to a few, then a
             count); ``"skip"`` drops them and counts each reason in the report.
         split: the split of an ``hf:`` dataset.
     """
-    cols = columns or Columns()
+    cols, source = columns or Columns(), os.fspath(source)
     if on_bad_rows not in ON_BAD_ROWS:
         raise ValueError(f"on_bad_rows must be one of {ON_BAD_ROWS}, got {on_bad_rows!r}")
     kind = _kind(source)
