@@ -28,6 +28,9 @@ ADAPTER = AdapterConfig(rank=8, alpha=16, targets=["query", "value"], top_layers
 ROW_KEYS = ("protocol", "method", "n", "seed", "macro_accuracy", "micro_accuracy")
 METHODS = "shared,shared+from-shared,independent,sharelora,sharelora+unpooled,head,core,diag"
 QUICK_METHODS = "shared,shared+from-shared,sharelora,head"
+# How strength="auto" chooses (sharelora.strength); stores of cells run under an earlier rule
+# (the lowest loss: *_lowest_loss.json) lack it, so the two never mix.
+STRENGTH_RULE = "one-standard-error"
 
 
 def parser(doc: str, data: Path, name: str, n: str) -> argparse.ArgumentParser:
@@ -51,7 +54,8 @@ def cell_key(protocol: str, k, n, seed: int, method: str) -> str:
 def open_store(path: Path, args) -> dict:
     """The cells stored at ``path``, which must have been run with ``args``' settings."""
     settings = {"epochs": args.epochs, "lr": args.lr, "max_length": args.max_length,
-                "top_layers": ADAPTER.top_layers, "from_shared": True}  # fmt: skip
+                "top_layers": ADAPTER.top_layers, "from_shared": True,
+                "strength_rule": STRENGTH_RULE}  # fmt: skip
     store = json.loads(path.read_text()) if path.exists() else {"cells": {}, "settings": settings}
     if store.get("settings") != settings:
         raise SystemExit(
@@ -79,6 +83,13 @@ def run_cell(store: dict, path: Path, protocol: str, k, n, seed: int, methods, s
             log=lambda m: print(f"{tag} {m}", flush=True), prefix_cache=cache, from_shared=True,
         )  # fmt: skip
         diag = json.loads((Path(tmp) / "summary.json").read_text())["diagnostics"]
+        # The validation losses behind each chosen strength, to set against the test.
+        tried = {
+            m: json.loads((Path(tmp) / m / "sharelora.json").read_text())["training"].get(
+                "shrinkage_val", {}
+            )
+            for m in results
+        }
     seconds = round((time.time() - started) / len(results), 1)
     for method, metrics in results.items():
         store["cells"][cell_key(protocol, k, n, seed, method)] = {
@@ -90,6 +101,7 @@ def run_cell(store: dict, path: Path, protocol: str, k, n, seed: int, methods, s
             "room": diag["room"]["rate"],
             "users": {u: v["accuracy"] for u, v in metrics["users"].items()},
             "val_by": splits.manifest["val_by"], "seconds": seconds,
+            "shrinkage_val": tried[method],
         }  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(store, indent=1))

@@ -25,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from real_grid import STRENGTH_RULE
 from ukp_report import report
 
 from sharelora import DEFAULT_BACKBONE, AdapterConfig
@@ -70,9 +71,11 @@ def run(args) -> dict:
         "from_shared": True,
         "select_best": False,
         "strength": "auto",
-        # Cells before the prior and the ranking-loss shrinkage (real_ukp.json) lack these.
+        # Cells before the prior and the ranking-loss shrinkage (real_ukp.json), or before the
+        # one-standard-error rule (real_ukp_pooled.json), lack these.
         "prior": TrainConfig().prior,
         "shrinkage_by": "calibrated_loss",
+        "strength_rule": STRENGTH_RULE,
     }
     store = json.loads(path.read_text()) if path.exists() else {"cells": {}, "settings": settings}
     if store.get("settings") != settings:
