@@ -51,10 +51,6 @@ def trained(tiny_text_backbone, data_file, tmp_path_factory):
             "--no-progress",
             "--lr",
             "1e-2",
-            # 4 validation pairs cannot show a clear gain, so "auto" would keep every user at
-            # the population; the commands tested here need users that differ.
-            "--strength",
-            "1",
         ]
     )
     assert code == 0

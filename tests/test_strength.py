@@ -127,19 +127,22 @@ def test_shrinkage_keeps_n_over_n_plus_kappa_of_each_users_deviation(tiny_text_b
     assert user_weights(counts, float("inf")).eq(0).all()
 
 
-def test_auto_strength_is_chosen_on_validation_loss(tiny_text_backbone, tmp_path):
+@pytest.mark.parametrize("rule", ["lowest", "one-se"])
+def test_auto_strength_is_chosen_on_validation_loss(tiny_text_backbone, tmp_path, rule):
     data, val = opposite_tastes(16), opposite_tastes(8, seed=1)
     model = _model(tiny_text_backbone)
     # No prior in training: on this tiny random backbone it would hold both users at the
     # population, and this test is about the choice after training.
-    result = train(model, data, val, _cfg(epochs=4, prior=0.0), tmp_path)
+    cfg = _cfg(epochs=4, prior=0.0, strength_rule=rule)
+    result = train(model, data, val, cfg, tmp_path)
     tried = result["summary"]["shrinkage_val"]
     assert [float(s) for s in tried] == pytest.approx(list(SHRINKAGE), rel=1e-5)
-    # The one-standard-error rule: the strongest shrinkage within one paired error of the
-    # lowest loss.
     low = min(m["calibrated_loss"] for m in tried.values())
-    within = [float(s) for s, m in tried.items() if m["calibrated_loss"] - low <= m["se"]]
-    assert result["summary"]["strength"] == pytest.approx(1 / (1 + max(within)), rel=1e-5)
+    if rule == "lowest":
+        chosen = min(float(s) for s, m in tried.items() if m["calibrated_loss"] == low)
+    else:  # the strongest shrinkage within one paired error of the lowest loss
+        chosen = max(float(s) for s, m in tried.items() if m["calibrated_loss"] - low <= m["se"])
+    assert result["summary"]["strength"] == pytest.approx(1 / (1 + chosen), rel=1e-5)
     # These users disagree: the population (infinite shrinkage) cannot serve both.
     assert result["summary"]["strength"] >= 0.5
     assert tried["inf"]["macro_accuracy"] < tried["0"]["macro_accuracy"]
@@ -155,6 +158,8 @@ def test_auto_strength_is_chosen_on_validation_loss(tiny_text_backbone, tmp_path
 def test_strength_validation(strength):
     with pytest.raises(ValueError, match="strength must be 'auto' or a number in"):
         TrainConfig(strength=strength)
+    with pytest.raises(ValueError, match="strength_rule must be one of .*lowest.*one-se"):
+        TrainConfig(strength_rule="median")
 
 
 def test_compare_from_shared_at_strength_zero_equals_shared(tiny_text_backbone, tmp_path):

@@ -13,6 +13,7 @@ from .config import (
     METHODS,
     SCHEDULES,
     SPARSE_USERS,
+    STRENGTH_RULES,
     USER_STATES,
     USER_TABLES,
     TrainConfig,
@@ -139,6 +140,13 @@ def _add_train(p: argparse.ArgumentParser) -> None:
         help="how far users move from the population after training: auto (default) picks a "
         "prior scale on validation loss, each user keeping n_u/(n_u+k) of their deviation; a "
         "number in [0,1] keeps that fraction for every user",
+    )
+    g.add_argument(
+        "--strength-rule",
+        choices=STRENGTH_RULES,
+        default=defaults.strength_rule,
+        help="how --strength auto picks: the lowest validation loss (default), or one-se: the "
+        "strongest shrinkage within one standard error of it (keeps the population more often)",
     )
     g.add_argument(
         "--sparse-users",

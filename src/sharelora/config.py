@@ -23,6 +23,9 @@ USER_TABLES = ("device", "host")
 # The prior scales ``strength="auto"`` chooses from, in units of the median user's count
 # (``sharelora.strength``): the median user keeps γ = 1, 3/4, 1/2, 1/4, 0 of their deviation.
 SHRINKAGE = (0.0, 1 / 3, 1.0, 3.0, float("inf"))
+# How ``strength="auto"`` picks from them: the lowest calibrated validation loss, or the
+# strongest shrinkage within one paired standard error of it (``sharelora.strength``).
+STRENGTH_RULES = ("lowest", "one-se")
 
 
 class UsageError(ValueError):
@@ -157,6 +160,9 @@ class TrainConfig:
             validation loss, each user keeping ``n_u / (n_u + κ)`` of their deviation (no
             change without validation data); a number γ in [0, 1] keeps that fraction for
             every user; 1 leaves the trained model as it is.
+        strength_rule: how ``"auto"`` picks: ``"lowest"`` validation loss, or ``"one-se"``,
+            the strongest shrinkage within one standard error of the lowest (more often the
+            population; see docs/personalization.md for where each wins).
     """
 
     epochs: int = 3
@@ -181,6 +187,7 @@ class TrainConfig:
     prior: float = 1.0
     init_from: str | None = None
     strength: float | str = "auto"
+    strength_rule: str = "lowest"
     deterministic: bool = False
     progress: bool = True
 
@@ -221,6 +228,10 @@ class TrainConfig:
             raise ValueError(
                 f"strength must be 'auto' or a number in [0, 1] (1: fully personal, 0: the "
                 f"population model), got {self.strength!r}"
+            )
+        if self.strength_rule not in STRENGTH_RULES:
+            raise ValueError(
+                f"strength_rule must be one of {STRENGTH_RULES}, got {self.strength_rule!r}"
             )
         if min(self.eval_every, self.weight_decay, self.max_grad_norm, self.prior) < 0:
             raise ValueError("eval_every, weight_decay, max_grad_norm and prior must be >= 0")

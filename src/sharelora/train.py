@@ -357,7 +357,7 @@ class Trainer:
             metrics = self.best_val
         metrics = metrics or self.evaluate("final")
         strength, metrics, tried = apply_strength(
-            model, cfg.strength, metrics, self.evaluate, self.user_counts
+            model, cfg.strength, metrics, self.evaluate, self.user_counts, cfg.strength_rule
         )
         summary = {
             "config": asdict(cfg),
