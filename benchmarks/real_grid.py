@@ -20,6 +20,7 @@ from ukp_report import _grid_table, _mean_sd
 
 from sharelora import DEFAULT_BACKBONE, AdapterConfig
 from sharelora.compare import compare
+from sharelora.config import STRENGTH_RULES
 from sharelora.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,9 +29,6 @@ ADAPTER = AdapterConfig(rank=8, alpha=16, targets=["query", "value"], top_layers
 ROW_KEYS = ("protocol", "method", "n", "seed", "macro_accuracy", "micro_accuracy")
 METHODS = "shared,shared+from-shared,independent,sharelora,sharelora+unpooled,head,core,diag"
 QUICK_METHODS = "shared,shared+from-shared,sharelora,head"
-# How strength="auto" chooses (sharelora.strength); stores of cells run under an earlier rule
-# (the lowest loss: *_lowest_loss.json) lack it, so the two never mix.
-STRENGTH_RULE = "one-standard-error"
 
 
 def parser(doc: str, data: Path, name: str, n: str) -> argparse.ArgumentParser:
@@ -43,8 +41,19 @@ def parser(doc: str, data: Path, name: str, n: str) -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--max-length", type=int, default=256)
+    add_strength_rule(p)
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / f"{name}.json"))
     return p
+
+
+def add_strength_rule(p: argparse.ArgumentParser) -> None:
+    """``--strength-rule``: how strength="auto" chooses; its cells go to their own store."""
+    p.add_argument(
+        "--strength-rule",
+        choices=STRENGTH_RULES,
+        default=TrainConfig().strength_rule,
+        help="with one-se, pass a --json of its own (e.g. benchmarks/results/NAME_one_se.json)",
+    )
 
 
 def cell_key(protocol: str, k, n, seed: int, method: str) -> str:
@@ -55,7 +64,7 @@ def open_store(path: Path, args) -> dict:
     """The cells stored at ``path``, which must have been run with ``args``' settings."""
     settings = {"epochs": args.epochs, "lr": args.lr, "max_length": args.max_length,
                 "top_layers": ADAPTER.top_layers, "from_shared": True,
-                "strength_rule": STRENGTH_RULE}  # fmt: skip
+                "strength_rule": args.strength_rule}  # fmt: skip
     store = json.loads(path.read_text()) if path.exists() else {"cells": {}, "settings": settings}
     if store.get("settings") != settings:
         raise SystemExit(
@@ -75,6 +84,7 @@ def run_cell(store: dict, path: Path, protocol: str, k, n, seed: int, methods, s
     cfg = TrainConfig(
         epochs=args.epochs, lr=args.lr, max_length=args.max_length, seed=seed,
         group_by_length=True, select_best=False, progress=False,
+        strength_rule=args.strength_rule,
     )  # fmt: skip
     started, tag = time.time(), f"{protocol} K={k} n={n} seed={seed}"
     with tempfile.TemporaryDirectory() as tmp:

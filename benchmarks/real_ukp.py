@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from real_grid import STRENGTH_RULE
+from real_grid import add_strength_rule
 from ukp_report import report
 
 from sharelora import DEFAULT_BACKBONE, AdapterConfig
@@ -50,6 +50,7 @@ def args_():
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--max-length", type=int, default=256)
+    add_strength_rule(p)
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "real_ukp.json"))
     args = p.parse_args()
     if args.quick:
@@ -71,11 +72,10 @@ def run(args) -> dict:
         "from_shared": True,
         "select_best": False,
         "strength": "auto",
-        # Cells before the prior and the ranking-loss shrinkage (real_ukp.json), or before the
-        # one-standard-error rule (real_ukp_pooled.json), lack these.
+        # Cells before the prior and the ranking-loss shrinkage (real_ukp.json) lack these.
         "prior": TrainConfig().prior,
         "shrinkage_by": "calibrated_loss",
-        "strength_rule": STRENGTH_RULE,
+        "strength_rule": args.strength_rule,
     }
     store = json.loads(path.read_text()) if path.exists() else {"cells": {}, "settings": settings}
     if store.get("settings") != settings:
@@ -112,6 +112,7 @@ def run(args) -> dict:
                     group_by_length=True,
                     select_best=False,
                     progress=False,
+                    strength_rule=args.strength_rule,
                 )
                 started = time.time()
                 with tempfile.TemporaryDirectory() as tmp:
