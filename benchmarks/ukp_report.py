@@ -145,10 +145,11 @@ def timing(cells: list[dict], methods: list[str]) -> str:
     pooled seconds per training pair times the difference in training pairs; training pairs of
     n=all are the seed-0 split's (``ALL_PAIRS``)."""
     spent = sum(c["seconds"] for c in cells)
-    slope, total, fitted = _pooled_slope(cells), 0.0, []
+    slope, total, fitted, unmeasured = _pooled_slope(cells), 0.0, [], []
     for k in GRID["K"]:
         mine = [c for c in cells if c["K"] == k]
-        if not mine:
+        if not mine:  # nothing to extrapolate from: left out of the estimate, and said so
+            unmeasured.append(k)
             continue
         mean_pairs = statistics.mean(c["train_pairs"] for c in mine)
         mean_seconds = statistics.mean(c["seconds"] for c in mine)
@@ -166,7 +167,9 @@ def timing(cells: list[dict], methods: list[str]) -> str:
         f"Cells run: {len(cells)} of {grid}, taking {spent / 3600:.1f} h (2 CPU cores, often "
         f"shared with other work: an upper bound). The full grid ({len(methods)} methods, K ∈ "
         f"{GRID['K']}, n ∈ {GRID['n']}, {GRID['seeds']} seeds) is estimated at "
-        f"{total / 3600:.1f} h on this machine ({slope * 1000:.0f} s per 1,000 training pairs); "
+        f"{total / 3600:.1f} h on this machine"
+        + (f" without K = {unmeasured} (no cell run there yet)" if unmeasured else "")
+        + f" ({slope * 1000:.0f} s per 1,000 training pairs); "
         f"per method-cell where not measured: {'; '.join(fitted) or 'none'}.\n"
     )
 
