@@ -12,7 +12,7 @@ from sharelora import AdapterConfig, PersonalizedRewardModel, population
 from sharelora.compare import compare
 from sharelora.config import SHRINKAGE
 from sharelora.data import split_per_user
-from sharelora.strength import one_standard_error, paired_se, user_weights
+from sharelora.strength import choose_scale, paired_se, user_weights
 from sharelora.train import TrainConfig, train
 
 PERSONAL = ["independent", "sharelora", "sharelora-b", "core", "diag", "head"]
@@ -257,7 +257,7 @@ def _tried(users_by_scale: dict[float, dict]) -> dict:
 def test_one_standard_error_keeps_the_population_unless_the_gain_is_clear(personal, expected):
     population = _users({"x": (0.60, 10), "y": (0.60, 10), "z": (0.60, 10)})
     tried = _tried({0.0: _users(personal), float("inf"): population})
-    chosen, se = one_standard_error(tried)
+    chosen, se = choose_scale(tried, "one-se")
     assert chosen == expected
     assert se[0.0] == 0.0  # the lowest loss against itself
     assert tried[0.0]["calibrated_loss"] < tried[float("inf")]["calibrated_loss"]

@@ -60,23 +60,27 @@ def paired_se(a: dict, b: dict) -> float:
     share their parameters, so they are not independent; their summed difference is. Zero with
     fewer than two users (the rule then takes the lowest loss)."""
     n = torch.tensor([a[u]["n"] for u in a], dtype=torch.float64)  # [U]
-    diff = torch.tensor([a[u]["calibrated_loss"] - b[u]["calibrated_loss"] for u in a])
+    diff = torch.tensor(
+        [a[u]["calibrated_loss"] - b[u]["calibrated_loss"] for u in a], dtype=torch.float64
+    )
     if len(n) < 2:
         return 0.0
-    d = n * diff.double()  # [U]: each user's summed difference
+    d = n * diff  # [U]: each user's summed difference
     mean = d.sum() / n.sum()
     spread = ((d - n * mean) ** 2).sum() * len(n) / (len(n) - 1)
     return (spread.sqrt() / n.sum()).item()
 
 
-def one_standard_error(tried: dict[float, dict]) -> tuple[float, dict[float, float]]:
-    """The largest shrinkage in ``tried`` ({scale: validation metrics}) whose calibrated loss
-    is within one paired standard error of the lowest; also each scale's error against it."""
-    best = min(tried, key=lambda s: (tried[s]["calibrated_loss"], s))
-    low = tried[best]["calibrated_loss"]
-    se = {s: paired_se(m["users"], tried[best]["users"]) for s, m in tried.items()}
-    within = [s for s, m in tried.items() if m["calibrated_loss"] - low <= se[s]]
-    return max(within), se
+def choose_scale(tried: dict[float, dict], rule: str) -> tuple[float, dict[float, float]]:
+    """The scale ``rule`` picks from ``tried`` ({scale: validation metrics}): the lowest
+    calibrated loss (ties to the more personal), or for ``"one-se"`` the largest shrinkage
+    within one paired standard error of it; also each scale's error against the lowest."""
+    lowest = min(tried, key=lambda s: (tried[s]["calibrated_loss"], s))
+    low = tried[lowest]["calibrated_loss"]
+    se = {s: paired_se(m["users"], tried[lowest]["users"]) for s, m in tried.items()}
+    if rule != "one-se":
+        return lowest, se
+    return max(s for s, m in tried.items() if m["calibrated_loss"] - low <= se[s]), se
 
 
 def apply_strength(
@@ -108,9 +112,7 @@ def apply_strength(
         kappa = scale * median
         pop.lerp(model, base, personal, 1 / (1 + scale), user_weights(counts, kappa))
         tried[scale] = evaluate_val(f"shrinkage {scale:g}")
-    cautious, se = one_standard_error(tried)
-    lowest = min(tried, key=lambda s: (tried[s]["calibrated_loss"], s))  # ties: more personal
-    chosen = cautious if rule == "one-se" else lowest
+    chosen, se = choose_scale(tried, rule)
     tried = {s: {**m, "se": se[s]} for s, m in tried.items()}
     pop.lerp(model, base, personal, 1 / (1 + chosen), user_weights(counts, chosen * median))
     return 1 / (1 + chosen), tried[chosen], tried
