@@ -90,6 +90,29 @@ def test_strength_interpolates_between_population_and_personal(
         torch.testing.assert_close(half[name], torch.lerp(pop[name], full[name], 0.5))
 
 
+@pytest.mark.parametrize("method", ["sharelora", "diag", "head"])
+def test_freeze_shared_trains_only_the_user_tables(tiny_text_backbone, shared_dir, method):
+    model = _model(tiny_text_backbone, method)
+    cfg = _cfg(init_from=str(shared_dir), strength=1.0, freeze_shared=True)
+    train(model, opposite_tastes(12), None, cfg)
+    start = _model(tiny_text_backbone, method)
+    population.assign(
+        start, population.from_shared(start, PersonalizedRewardModel.from_pretrained(shared_dir))
+    )
+    before, after = start.trainable_state_dict(), model.trainable_state_dict()
+    tables = population._user_tables(model)
+    for name in after:
+        if name in tables:
+            assert not torch.equal(after[name], before[name]), name
+        else:  # the shared factors and the head: never stepped
+            torch.testing.assert_close(after[name], before[name], rtol=0, atol=0)
+
+
+def test_freeze_shared_needs_a_shared_start():
+    with pytest.raises(ValueError, match="freeze_shared keeps the shared tensors.*init_from"):
+        TrainConfig(freeze_shared=True)
+
+
 def test_strength_zero_without_a_start_gives_every_user_the_mean_rows(tiny_text_backbone):
     personal = _model(tiny_text_backbone, user_init="independent")
     train(personal, opposite_tastes(12), None, _cfg(strength=1.0, prior=0.0))

@@ -149,6 +149,12 @@ def _add_train(p: argparse.ArgumentParser) -> None:
         "strongest shrinkage within one standard error of it (keeps the population more often)",
     )
     g.add_argument(
+        "--freeze-shared",
+        action="store_true",
+        help="with --init-from / --from-shared: train only the per-user tables; the shared "
+        "factors and head stay the shared model's",
+    )
+    g.add_argument(
         "--sparse-users",
         choices=SPARSE_USERS,
         default="auto",

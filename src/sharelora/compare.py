@@ -18,11 +18,13 @@ from .report import accuracy_table, plot_accuracy
 from .train import TrainConfig, train
 
 # "from-shared" sets init_from to this run's shared model (see compare); "unpooled" is the
-# paper's recipe: no prior on the deviations and no shrinkage after training.
+# paper's recipe: no prior on the deviations and no shrinkage after training; "frozen" starts
+# from the shared model and trains only the per-user tables.
 VARIANTS = {
     "warmup": {"warmup_epochs": 1},
     "from-shared": {},
     "unpooled": {"prior": 0.0, "strength": 1.0},
+    "frozen": {"freeze_shared": True},
 }
 
 
@@ -71,7 +73,9 @@ def compare(
 
     def starts_from_shared(method: str) -> bool:
         base, _, variant = method.partition("+")
-        return variant == "from-shared" or (from_shared and base != "shared" and not variant)
+        return variant in ("from-shared", "frozen") or (
+            from_shared and base != "shared" and not variant
+        )
 
     if any(map(starts_from_shared, methods)):
         if "shared" not in methods:
@@ -87,9 +91,8 @@ def compare(
     results, timings, cache = {}, {}, prefix_cache
     for method in methods:
         started = time.time()
-        base, cfg = method_config(method, config)
-        if starts_from_shared(method):
-            cfg = replace(cfg, init_from=str(out / "shared"))
+        start = str(out / "shared") if starts_from_shared(method) else config.init_from
+        base, cfg = method_config(method, replace(config, init_from=start))
         torch.manual_seed(cfg.seed)
         model = PersonalizedRewardModel.from_backbone(
             backbone, splits.users, replace(adapter, method=base), max_length=cfg.max_length

@@ -186,6 +186,7 @@ class TrainConfig:
     user_tables: str = "device"
     prior: float = 1.0
     init_from: str | None = None
+    freeze_shared: bool = False
     strength: float | str = "auto"
     strength_rule: str = "lowest"
     deterministic: bool = False
@@ -228,6 +229,11 @@ class TrainConfig:
             raise ValueError(
                 f"strength must be 'auto' or a number in [0, 1] (1: fully personal, 0: the "
                 f"population model), got {self.strength!r}"
+            )
+        if self.freeze_shared and not self.init_from:
+            raise ValueError(
+                "freeze_shared keeps the shared tensors of the model given by init_from; pass "
+                "init_from (--init-from DIR, or compare --from-shared)"
             )
         if self.strength_rule not in STRENGTH_RULES:
             raise ValueError(

@@ -138,6 +138,9 @@ class Trainer:
             shared = PersonalizedRewardModel.from_pretrained(cfg.init_from)
             model.population = population.from_shared(model, shared)
             population.assign(model, model.population)
+            if cfg.freeze_shared:
+                for p in model.shared_parameters():
+                    p.requires_grad_(False)
         cache = None
         if model.adapter_config.top_layers and cfg.cache_prefix:
             model.to(acc.device)
