@@ -142,11 +142,11 @@ class PrefixCache:
 
     def batch(self, indices: list[int], attention_mask: torch.Tensor) -> torch.Tensor:
         """Cached states laid out like ``attention_mask`` ``[B, T]`` (either padding side)."""
-        first = self.states[indices[0]]
-        out = first.new_zeros(attention_mask.shape[0], attention_mask.shape[1], first.shape[-1])
-        mask = attention_mask.bool()
-        for row, i in enumerate(indices):
-            out[row][mask[row]] = self.states[i].to(out.dtype)
+        states = torch.cat([self.states[i] for i in indices])  # [sum T_i, d]
+        out = states.new_zeros(*attention_mask.shape, states.shape[-1])  # [B, T, d]
+        # A boolean index walks the mask row by row, as the rows' states were concatenated:
+        # one scatter instead of one per row (a per-row loop was 15% of a UKP cell's time).
+        out[attention_mask.bool()] = states
         return out
 
     @contextlib.contextmanager
