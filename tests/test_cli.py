@@ -245,6 +245,10 @@ def test_compare_report_plot_and_metrics(tiny_text_backbone, data_file, tmp_path
             ["train", "--data", "builtin:demo", "--output", "x", "--rank", "0"],
             "rank must be a positive integer",
         ),
+        (
+            ["train", "--data", "builtin:demo", "--output", "x", "--freeze-shared"],
+            "freeze_shared keeps the shared tensors of the model given by init_from",
+        ),
     ],
 )
 def test_user_errors_exit_2_with_one_line(argv, message, capsys, tmp_path, monkeypatch):
