@@ -249,6 +249,10 @@ def test_compare_report_plot_and_metrics(tiny_text_backbone, data_file, tmp_path
             ["train", "--data", "builtin:demo", "--output", "x", "--freeze-shared"],
             "freeze_shared keeps the shared tensors of the model given by init_from",
         ),
+        (
+            ["compare", "--data", "builtin:demo", "--output", "x", "--freeze-shared"],
+            "compare --freeze-shared freezes the methods that start from this run's shared",
+        ),
     ],
 )
 def test_user_errors_exit_2_with_one_line(argv, message, capsys, tmp_path, monkeypatch):

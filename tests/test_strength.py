@@ -216,6 +216,29 @@ def test_compare_from_shared_at_strength_zero_equals_shared(tiny_text_backbone, 
         )
 
 
+def test_compare_freeze_shared_keeps_the_shared_tensors_of_its_shared_model(
+    tiny_text_backbone, tmp_path
+):
+    from sharelora.data import SplitConfig
+
+    splits = split_per_user(opposite_tastes(20), SplitConfig(val=0.2, test=0.2, seed=0))
+    methods = ["shared", "diag", "sharelora+frozen"]
+    compare(splits, methods, AdapterConfig(rank=4), _cfg(), str(tiny_text_backbone), tmp_path,
+            log=lambda m: None, from_shared=True, freeze_shared=True)  # fmt: skip
+    shared = PersonalizedRewardModel.from_pretrained(tmp_path / "shared").trainable_state_dict()
+    for method in methods[1:]:
+        model = PersonalizedRewardModel.from_pretrained(tmp_path / method)
+        tables, state = population._user_tables(model), model.trainable_state_dict()
+        kept = [name for name in state if name not in tables]
+        assert kept and any(name in tables for name in state)
+        for name in kept:
+            torch.testing.assert_close(state[name], shared[name], rtol=0, atol=0)
+    control = PersonalizedRewardModel.from_pretrained(tmp_path / "shared+from-shared")
+    assert any(  # the compute control is never frozen
+        not torch.equal(v, shared[k]) for k, v in control.trainable_state_dict().items()
+    )
+
+
 def test_select_best_off_uses_validation_only_for_strength(tiny_text_backbone, tmp_path):
     cfg = _cfg(select_best=False)
     result = train(

@@ -27,8 +27,8 @@ def _adapter_config(args) -> AdapterConfig:
     return _config(AdapterConfig, args)
 
 
-def _train_config(args) -> TrainConfig:
-    return _config(TrainConfig, args, progress=not args.no_progress)
+def _train_config(args, **extra) -> TrainConfig:
+    return _config(TrainConfig, args, progress=not args.no_progress, **extra)
 
 
 def _read(args, source: str | None = None):
@@ -247,9 +247,15 @@ def cmd_compare(args) -> None:
     if bad or not methods:
         raise UsageError(
             f"--methods: unknown {', '.join(bad) or '(none)'}; choose from {', '.join(METHODS)}, "
-            "each optionally with +warmup or +from-shared"
+            f"each optionally with +{' or +'.join(VARIANTS)}"
         )
-    adapter, cfg = _adapter_config(args), _train_config(args)
+    if args.freeze_shared and not args.from_shared:
+        raise UsageError(
+            "compare --freeze-shared freezes the methods that start from this run's shared "
+            "model: add --from-shared, or name METHOD+frozen in --methods instead"
+        )
+    # compare applies freeze_shared to the methods that start from its shared model alone.
+    adapter, cfg = _adapter_config(args), _train_config(args, freeze_shared=False)
     splits = _split(args, _read(args))
     shots = _int_list("--shots", args.shots)
     if shots and (not args.holdout_users or not {"shared", "sharelora"} <= set(methods)):
@@ -265,6 +271,7 @@ def cmd_compare(args) -> None:
         args.output,
         log=_log,
         from_shared=args.from_shared,
+        freeze_shared=args.freeze_shared,
     )
     print((Path(args.output) / "report.md").read_text())
     if shots:

@@ -17,14 +17,15 @@ from .model import PersonalizedRewardModel
 from .report import accuracy_table, plot_accuracy
 from .train import TrainConfig, train
 
-# "from-shared" sets init_from to this run's shared model (see compare); "unpooled" is the
-# paper's recipe: no prior on the deviations and no shrinkage after training; "frozen" starts
-# from the shared model and trains only the per-user tables.
+# Stands for this run's `shared` model in a variant's init_from; compare puts its directory in.
+SHARED_RUN = "<this run's shared model>"
+# "unpooled" is the paper's recipe: no prior on the deviations and no shrinkage after
+# training; "frozen" starts from the shared model and trains only the per-user tables.
 VARIANTS = {
     "warmup": {"warmup_epochs": 1},
-    "from-shared": {},
+    "from-shared": {"init_from": SHARED_RUN},
     "unpooled": {"prior": 0.0, "strength": 1.0},
-    "frozen": {"freeze_shared": True},
+    "frozen": {"init_from": SHARED_RUN, "freeze_shared": True},
 }
 
 
@@ -48,6 +49,7 @@ def compare(
     log=print,
     prefix_cache=None,
     from_shared: bool = False,
+    freeze_shared: bool = False,
 ) -> tuple[dict[str, dict], object]:
     """For each method: train on ``splits.train`` (validation: ``splits.val``), evaluate on
     ``splits.test``; writes ``METHOD/`` (model + ``metrics.json``), ``report.md``,
@@ -62,7 +64,8 @@ def compare(
     so that its personalization strength is chosen between the shared model and the personal
     one; ``shared+from-shared`` is the control that trains as long without personalizing.
     ``from_shared`` does this for every personalized method without ``+warmup`` (which keeps its
-    own warm-up). ``shared`` then trains first.
+    own warm-up). ``shared`` then trains first. ``freeze_shared`` makes those methods train
+    only their per-user tables (as the ``+frozen`` variant does); the control still trains.
     """
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -72,10 +75,9 @@ def compare(
         raise ValueError("nothing to evaluate on: the split has no test or validation rows")
 
     def starts_from_shared(method: str) -> bool:
-        base, _, variant = method.partition("+")
-        return variant in ("from-shared", "frozen") or (
-            from_shared and base != "shared" and not variant
-        )
+        base, cfg = method_config(method, config)
+        plain = base != "shared" and "+" not in method
+        return cfg.init_from == SHARED_RUN or (from_shared and plain)
 
     if any(map(starts_from_shared, methods)):
         if "shared" not in methods:
@@ -91,8 +93,10 @@ def compare(
     results, timings, cache = {}, {}, prefix_cache
     for method in methods:
         started = time.time()
-        start = str(out / "shared") if starts_from_shared(method) else config.init_from
-        base, cfg = method_config(method, replace(config, init_from=start))
+        base, cfg = method_config(method, config)
+        if starts_from_shared(method):
+            frozen = cfg.freeze_shared or (freeze_shared and base != "shared")
+            cfg = replace(cfg, init_from=str(out / "shared"), freeze_shared=frozen)
         torch.manual_seed(cfg.seed)
         model = PersonalizedRewardModel.from_backbone(
             backbone, splits.users, replace(adapter, method=base), max_length=cfg.max_length
