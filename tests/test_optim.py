@@ -124,8 +124,30 @@ def test_build_optimizer_defaults_to_auto_like_the_command_line(tiny_dirs):
     many = _model(tiny_dirs["bert"], "diag", users=[f"u{i}" for i in range(SPARSE_USERS_THRESHOLD)])
     build_optimizer(many)
     assert many.router.sparse_grads is True
-    with pytest.raises(TypeError):
-        build_optimizer(few, user_lr=1e-3)  # never used, so no longer accepted
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_user_lr_scale_scales_the_user_tables_step_alone(tiny_dirs, sparse):
+    def moved(scale):
+        model = _model(tiny_dirs["bert"], "sharelora")
+        before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        opt = build_optimizer(model, lr=0.01, sparse_users=sparse, user_lr_scale=scale)
+        ids, mask = tiny_batch(batch=3, seed=0)
+        model(input_ids=ids, attention_mask=mask, user_ids=torch.tensor([0, 1, 1])).sum().backward()
+        opt.step()
+        users = {id(p) for p in model.user_parameters()}
+        return {
+            (n, id(p) in users): p.detach() - before[n]
+            for n, p in model.named_parameters()
+            if p.requires_grad
+        }
+
+    one, four = moved(1.0), moved(4.0)
+    assert any(is_user for _, is_user in one) and any(not is_user for _, is_user in one)
+    for (name, is_user), step in one.items():
+        # Adam's step is lr times a ratio the scale does not touch.
+        expected = 4 * step if is_user else step
+        torch.testing.assert_close(four[(name, is_user)], expected, rtol=1e-5, atol=1e-8)
 
 
 def test_rowwise_state_is_one_number_per_row_and_lazy(tiny_dirs):

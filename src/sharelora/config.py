@@ -123,6 +123,11 @@ class TrainConfig:
     Attributes:
         epochs: passes over the training pairs (including ``warmup_epochs``).
         lr: peak learning rate (AdamW) for adapters and head.
+        user_lr_scale: the per-user tables' learning rate is ``lr`` times this. A user's rows
+            step only on their own pairs, and a ``sharelora`` row ``A_u`` moves the reward
+            through the shared ``B``, which starts at zero and stays small; on Jester's seen
+            jokes (n = 25, seed 0) a scale of 4 took ``sharelora`` from 0.777 to 0.801 and
+            ``independent`` from 0.798 to 0.802 (docs/personalization.md).
         weight_decay: on shared factors and the head only; never on per-user tables.
         batch_size: pairs per optimizer step and process group (global across processes).
         grad_accum: batches accumulated per optimizer step.
@@ -167,6 +172,7 @@ class TrainConfig:
 
     epochs: int = 3
     lr: float = 2e-3
+    user_lr_scale: float = 1.0
     weight_decay: float = 0.0
     batch_size: int = 16
     grad_accum: int = 1
@@ -204,6 +210,13 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not isinstance(self.lr, (int, float)) or not self.lr > 0:
             raise ValueError(f"lr must be a positive number (e.g. 2e-3), got {self.lr!r}")
+        if isinstance(self.user_lr_scale, bool) or not (
+            isinstance(self.user_lr_scale, (int, float)) and self.user_lr_scale > 0
+        ):
+            raise ValueError(
+                f"user_lr_scale must be a positive number (1: the per-user tables step at lr), "
+                f"got {self.user_lr_scale!r}"
+            )
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
         if self.sparse_users not in SPARSE_USERS:

@@ -99,6 +99,7 @@ def add_train(p: argparse.ArgumentParser) -> None:
     for name, type_ in (
         ("epochs", int),
         ("lr", float),
+        ("user_lr_scale", float),
         ("batch_size", int),
         ("grad_accum", int),
         ("max_grad_norm", float),

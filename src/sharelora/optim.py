@@ -158,6 +158,7 @@ def build_optimizer(
     weight_decay: float = 0.0,
     sparse_users: str | bool = "auto",
     user_state: str = "full",
+    user_lr_scale: float = 1.0,
 ) -> PersonalAdamW:
     """The optimizer for a ``PersonalizedRewardModel``: shared parameters with
     ``weight_decay``, per-user tables in a lazy group without it.
@@ -170,6 +171,9 @@ def build_optimizer(
     (memory: weights × 3); ``"rowwise"`` keeps one scalar per user row and table (memory close
     to the weights alone): the row's RMS gradient scales its step, as Adam's second moment
     does, so the same ``lr`` suits both.
+
+    ``user_lr_scale``: the user tables' group steps at ``lr`` times this (the scheduler scales
+    both groups alike).
     """
     if user_state not in USER_STATES:
         raise ValueError(f"user_state must be one of {USER_STATES}, got {user_state!r}")
@@ -185,7 +189,15 @@ def build_optimizer(
     users = [p for p in model.user_parameters() if p.requires_grad]
     if users:
         rowwise = user_state == "rowwise"
-        groups.append({"params": users, "weight_decay": 0.0, "lazy": True, "rowwise": rowwise})
+        groups.append(
+            {
+                "params": users,
+                "lr": lr * user_lr_scale,
+                "weight_decay": 0.0,
+                "lazy": True,
+                "rowwise": rowwise,
+            }
+        )
     return PersonalAdamW(groups, lr=lr)
 
 

@@ -164,7 +164,12 @@ class Trainer:
                 raise ValueError("--sparse-users on needs a single process; use auto or off")
             sparse = "off"
         optimizer = build_optimizer(
-            model, cfg.lr, cfg.weight_decay, sparse_users=sparse, user_state=cfg.user_state
+            model,
+            cfg.lr,
+            cfg.weight_decay,
+            sparse_users=sparse,
+            user_state=cfg.user_state,
+            user_lr_scale=cfg.user_lr_scale,
         )
         scheduler = build_scheduler(optimizer, total_steps, cfg.warmup_ratio, cfg.schedule)
         self.wrapped, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
