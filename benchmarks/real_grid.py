@@ -40,6 +40,7 @@ def parser(doc: str, data: Path, name: str, n: str) -> argparse.ArgumentParser:
     p.add_argument("--methods", default=METHODS)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=2e-3)
+    add_user_lr_scale(p)
     p.add_argument("--max-length", type=int, default=256)
     add_strength_rule(p)
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / f"{name}.json"))
@@ -56,6 +57,22 @@ def add_strength_rule(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_user_lr_scale(p: argparse.ArgumentParser) -> None:
+    """``--user-lr-scale``: the per-user tables' lr over ``--lr``; its cells get their own store."""
+    p.add_argument(
+        "--user-lr-scale",
+        type=float,
+        default=TrainConfig().user_lr_scale,
+        help="other than 1, pass a --json of its own (e.g. benchmarks/results/NAME_user_lr4.json)",
+    )
+
+
+def settings_of(store: dict) -> dict | None:
+    """A store's settings; stores written before --user-lr-scale ran at its default, 1."""
+    settings = store.get("settings")
+    return settings and {"user_lr_scale": 1.0, **settings}
+
+
 def cell_key(protocol: str, k, n, seed: int, method: str) -> str:
     return f"{protocol} K={k} n={n} seed={seed} {method}"
 
@@ -64,9 +81,10 @@ def open_store(path: Path, args) -> dict:
     """The cells stored at ``path``, which must have been run with ``args``' settings."""
     settings = {"epochs": args.epochs, "lr": args.lr, "max_length": args.max_length,
                 "top_layers": ADAPTER.top_layers, "from_shared": True,
-                "strength_rule": args.strength_rule}  # fmt: skip
+                "strength_rule": args.strength_rule,
+                "user_lr_scale": args.user_lr_scale}  # fmt: skip
     store = json.loads(path.read_text()) if path.exists() else {"cells": {}, "settings": settings}
-    if store.get("settings") != settings:
+    if settings_of(store) != settings:
         raise SystemExit(
             f"{path} holds cells run with {store.get('settings')}; pass another --json"
         )
@@ -84,7 +102,7 @@ def run_cell(store: dict, path: Path, protocol: str, k, n, seed: int, methods, s
     cfg = TrainConfig(
         epochs=args.epochs, lr=args.lr, max_length=args.max_length, seed=seed,
         group_by_length=True, select_best=False, progress=False,
-        strength_rule=args.strength_rule,
+        strength_rule=args.strength_rule, user_lr_scale=args.user_lr_scale,
     )  # fmt: skip
     started, tag = time.time(), f"{protocol} K={k} n={n} seed={seed}"
     with tempfile.TemporaryDirectory() as tmp:

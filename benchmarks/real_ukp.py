@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from real_grid import add_strength_rule
+from real_grid import add_strength_rule, add_user_lr_scale, settings_of
 from ukp_report import report
 
 from sharelora import DEFAULT_BACKBONE, AdapterConfig
@@ -49,6 +49,7 @@ def args_():
     p.add_argument("--top-layers", type=int, default=1)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=2e-3)
+    add_user_lr_scale(p)
     p.add_argument("--max-length", type=int, default=256)
     add_strength_rule(p)
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "real_ukp.json"))
@@ -76,9 +77,10 @@ def run(args) -> dict:
         "prior": TrainConfig().prior,
         "shrinkage_by": "calibrated_loss",
         "strength_rule": args.strength_rule,
+        "user_lr_scale": args.user_lr_scale,
     }
     store = json.loads(path.read_text()) if path.exists() else {"cells": {}, "settings": settings}
-    if store.get("settings") != settings:
+    if settings_of(store) != settings:
         raise SystemExit(
             f"{path} holds cells run with {store.get('settings')}; these are "
             f"{settings}: pass another --json to keep them apart"
@@ -113,6 +115,7 @@ def run(args) -> dict:
                     select_best=False,
                     progress=False,
                     strength_rule=args.strength_rule,
+                    user_lr_scale=args.user_lr_scale,
                 )
                 started = time.time()
                 with tempfile.TemporaryDirectory() as tmp:
