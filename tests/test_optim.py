@@ -124,6 +124,8 @@ def test_build_optimizer_defaults_to_auto_like_the_command_line(tiny_dirs):
     many = _model(tiny_dirs["bert"], "diag", users=[f"u{i}" for i in range(SPARSE_USERS_THRESHOLD)])
     build_optimizer(many)
     assert many.router.sparse_grads is True
+    with pytest.raises(TypeError):
+        build_optimizer(few, user_lr=1e-3)  # an absolute user lr: user_lr_scale is the knob
 
 
 @pytest.mark.parametrize("sparse", [False, True])
