@@ -132,6 +132,7 @@ def test_nan_loss_stops_with_step(tiny_text_backbone, monkeypatch):
     [
         ({"epochs": 0}, "epochs must be a positive integer"),
         ({"lr": 0}, "lr must be a positive number"),
+        ({"lr": True}, "lr must be a positive number"),
         ({"user_lr_scale": 0}, "user_lr_scale must be a positive number"),
         ({"warmup_epochs": 3, "epochs": 3}, "warmup_epochs"),
         ({"schedule": "step"}, "schedule must be one of"),

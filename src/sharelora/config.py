@@ -208,15 +208,10 @@ class TrainConfig:
         for name, value in positive.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.lr, (int, float)) or not self.lr > 0:
-            raise ValueError(f"lr must be a positive number (e.g. 2e-3), got {self.lr!r}")
-        if isinstance(self.user_lr_scale, bool) or not (
-            isinstance(self.user_lr_scale, (int, float)) and self.user_lr_scale > 0
-        ):
-            raise ValueError(
-                f"user_lr_scale must be a positive number (1: the per-user tables step at lr), "
-                f"got {self.user_lr_scale!r}"
-            )
+        for name, hint in (("lr", "e.g. 2e-3"), ("user_lr_scale", "1: user tables step at lr")):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not (isinstance(value, (int, float)) and value > 0):
+                raise ValueError(f"{name} must be a positive number ({hint}), got {value!r}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
         if self.sparse_users not in SPARSE_USERS:
