@@ -1,0 +1,70 @@
+"""Two benchmark stores of the same cells under two settings, paired cell by cell.
+
+Each store is the JSON of ``real_jester.py``, ``real_llmfao.py`` or ``real_ukp.py`` (cells keyed
+``[protocol] K=.. n=.. seed=.. method``). For every cell that both hold, it prints the macro test
+accuracy under each setting and their difference, averaged over the seeds both ran (paired by
+seed), and, where the cells kept their validation losses (``shrinkage_val``), how many seeds'
+validation preferred the second setting: the lower best calibrated loss, as ``strength="auto"``
+would have judged it. That last column says whether choosing the setting on validation would have
+made the same choice as the test.
+
+    python benchmarks/paired_stores.py BASE.json OTHER.json [--methods sharelora,independent]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+
+def best_val_loss(cell: dict) -> float | None:
+    tried = cell.get("shrinkage_val") or {}
+    return min((t["calibrated_loss"] for t in tried.values()), default=None)
+
+
+def _natural(text: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
+
+
+def paired(base: dict, other: dict, methods: list[str] | None) -> list[str]:
+    """Markdown rows: one per (setting of the cell without its seed, method)."""
+    groups = defaultdict(list)  # "protocol K n method" -> [(base cell, other cell)]
+    for key, cell in other["cells"].items():
+        if key in base["cells"] and (methods is None or cell["method"] in methods):
+            groups[re.sub(r" seed=\d+", "", key)].append((base["cells"][key], cell))
+    lines = [
+        "| cell | seeds | base | other | other − base (per seed) | validation prefers other |",
+        "|---|---:|---:|---:|---|---:|",
+    ]
+    for group in sorted(groups, key=_natural):
+        pairs = groups[group]
+        a = [p[0]["macro_accuracy"] for p in pairs]
+        b = [p[1]["macro_accuracy"] for p in pairs]
+        diffs = ", ".join(f"{100 * (y - x):+.1f}" for x, y in zip(a, b, strict=True))
+        losses = [(best_val_loss(p[0]), best_val_loss(p[1])) for p in pairs]
+        judged = [(x, y) for x, y in losses if x is not None and y is not None]
+        votes = f"{sum(y < x for x, y in judged)}/{len(judged)}" if judged else "—"
+        lines.append(
+            f"| {group} | {len(pairs)} | {statistics.mean(a):.3f} | {statistics.mean(b):.3f} "
+            f"| {100 * (statistics.mean(b) - statistics.mean(a)):+.1f} ({diffs}) | {votes} |"
+        )
+    return lines
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("base", type=Path)
+    p.add_argument("other", type=Path)
+    p.add_argument("--methods", help="comma-separated; default: every method both stores hold")
+    args = p.parse_args()
+    base, other = (json.loads(path.read_text()) for path in (args.base, args.other))
+    print(f"base: {args.base} {base.get('settings')}\nother: {args.other} {other.get('settings')}")
+    print("\n".join(paired(base, other, args.methods and args.methods.split(","))))
+
+
+if __name__ == "__main__":
+    main()
