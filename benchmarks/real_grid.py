@@ -68,7 +68,7 @@ def add_user_lr_scale(p: argparse.ArgumentParser) -> None:
 
 
 def settings_of(store: dict) -> dict | None:
-    """A store's settings; stores written before --user-lr-scale ran at its default, 1."""
+    """A store's settings; stores written before --user-lr-scale ran at 1 (the default then)."""
     settings = store.get("settings")
     return settings and {"user_lr_scale": 1.0, **settings}
 

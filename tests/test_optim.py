@@ -154,7 +154,9 @@ def test_user_lr_scale_scales_the_user_tables_step_alone(tiny_dirs, sparse):
 
 def test_rowwise_state_is_one_number_per_row_and_lazy(tiny_dirs):
     model = _model(tiny_dirs["bert"], "sharelora")
-    opt = build_optimizer(model, lr=0.05, sparse_users="on", user_state="rowwise")
+    opt = build_optimizer(
+        model, lr=0.05, sparse_users="on", user_state="rowwise", user_lr_scale=1
+    )  # the user tables step at lr
     table = model.user_parameters()[0]
     before = table.detach().clone()
     ids, mask = tiny_batch(batch=2)

@@ -18,7 +18,7 @@ import math
 import torch
 from transformers import get_scheduler
 
-from .config import SCHEDULES, SPARSE_USERS, SPARSE_USERS_THRESHOLD, USER_STATES
+from .config import SCHEDULES, SPARSE_USERS, SPARSE_USERS_THRESHOLD, USER_LR_SCALE, USER_STATES
 
 
 class PersonalAdamW(torch.optim.Optimizer):
@@ -158,7 +158,7 @@ def build_optimizer(
     weight_decay: float = 0.0,
     sparse_users: str | bool = "auto",
     user_state: str = "full",
-    user_lr_scale: float = 1.0,
+    user_lr_scale: float = USER_LR_SCALE,
 ) -> PersonalAdamW:
     """The optimizer for a ``PersonalizedRewardModel``: shared parameters with
     ``weight_decay``, per-user tables in a lazy group without it.
@@ -173,7 +173,7 @@ def build_optimizer(
     does, so the same ``lr`` suits both.
 
     ``user_lr_scale``: the user tables' group steps at ``lr`` times this (the scheduler scales
-    both groups alike).
+    both groups alike); the default is training's (``TrainConfig.user_lr_scale``).
     """
     if user_state not in USER_STATES:
         raise ValueError(f"user_state must be one of {USER_STATES}, got {user_state!r}")
