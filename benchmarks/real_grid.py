@@ -63,7 +63,7 @@ def add_user_lr_scale(p: argparse.ArgumentParser) -> None:
         "--user-lr-scale",
         type=float,
         default=TrainConfig().user_lr_scale,
-        help="other than 1, pass a --json of its own (e.g. benchmarks/results/NAME_user_lr4.json)",
+        help="other than the default, pass a --json of its own (e.g. NAME_user_lr1.json)",
     )
 
 
