@@ -5,8 +5,8 @@ Each store is the JSON of ``real_jester.py``, ``real_llmfao.py`` or ``real_ukp.p
 accuracy under each setting and their difference, averaged over the seeds both ran (paired by
 seed), and, where the cells kept their validation losses (``shrinkage_val``), how many seeds'
 validation preferred the second setting: the lower best calibrated loss, as ``strength="auto"``
-would have judged it. That last column says whether choosing the setting on validation would have
-made the same choice as the test.
+would have judged it. That last column is the choice validation would have made, to set beside
+the test's difference.
 
     python benchmarks/paired_stores.py BASE.json OTHER.json [--methods sharelora,independent]
 """
