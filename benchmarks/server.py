@@ -29,7 +29,13 @@ from sharelora.score import score_texts
 
 BATCH = 64
 COLUMNS = (
-    "concurrency", "requests", "requests_per_s", "rows_per_s", "p50_ms", "p99_ms", "vs_in_process"
+    "concurrency",
+    "requests",
+    "requests_per_s",
+    "rows_per_s",
+    "p50_ms",
+    "p99_ms",
+    "vs_in_process",
 )
 
 

@@ -70,8 +70,12 @@ def test_chat_template_rendering_splits_at_the_generation_prompt(tiny_text_backb
 
 def test_conversational_rows_train_and_score_like_plain_text(tmp_path, reward_dir):
     rows = [
-        {"prompt": user(c.prompt), "chosen": assistant(c.chosen), "rejected": assistant(c.rejected),
-         "user": c.user}  # fmt: skip
+        {
+            "prompt": user(c.prompt),
+            "chosen": assistant(c.chosen),
+            "rejected": assistant(c.rejected),
+            "user": c.user,
+        }  # fmt: skip
         for c in opposite_tastes(3)
     ]
     path = tmp_path / "chat.jsonl"

@@ -160,9 +160,7 @@ def test_deviation_penalty_is_the_prior_on_each_users_summed_loss(tiny_text_back
 
 
 @pytest.mark.parametrize("sparse_users", ["off", "on"])
-def test_prior_holds_users_near_the_population(
-    tiny_text_backbone, sparse_users
-):
+def test_prior_holds_users_near_the_population(tiny_text_backbone, sparse_users):
     def deviation(model):
         return [
             sum((t[u] - model.population[n][0]).pow(2).sum().item() for n, t in
