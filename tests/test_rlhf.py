@@ -75,7 +75,7 @@ def test_conversational_rows_train_and_score_like_plain_text(tmp_path, reward_di
             "chosen": assistant(c.chosen),
             "rejected": assistant(c.rejected),
             "user": c.user,
-        }  # fmt: skip
+        }
         for c in opposite_tastes(3)
     ]
     path = tmp_path / "chat.jsonl"

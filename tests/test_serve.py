@@ -68,7 +68,7 @@ def test_health_and_rewards_equal_score_texts(server, model):
             "query": [p + r for p, r in zip(prompts, responses, strict=True)],
             "prompts": prompts,
             "labels": users,
-        },  # fmt: skip
+        },
     ).json()
     assert openrlhf["rewards"] == pytest.approx(want, abs=1e-5)
     assert openrlhf["scores"] == openrlhf["rewards"]
