@@ -10,6 +10,7 @@ beside them.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import tempfile
@@ -41,6 +42,13 @@ def parser(doc: str, data: Path, name: str, n: str) -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=2e-3)
     add_user_lr_scale(p)
+    p.add_argument(
+        "--rank",
+        type=int,
+        default=ADAPTER.rank,
+        help="every method's rank (alpha = 2 * rank, so alpha/r stays 2); other than 8, pass a "
+        "--json of its own (e.g. NAME_rank16.json)",
+    )
     p.add_argument("--max-length", type=int, default=256)
     add_strength_rule(p)
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / f"{name}.json"))
@@ -68,9 +76,16 @@ def add_user_lr_scale(p: argparse.ArgumentParser) -> None:
 
 
 def settings_of(store: dict) -> dict | None:
-    """A store's settings; stores written before --user-lr-scale ran at 1 (the default then)."""
+    """A store's settings; stores written before --user-lr-scale ran at 1 (the default then),
+    and those written before --rank at ADAPTER's rank."""
     settings = store.get("settings")
-    return settings and {"user_lr_scale": 1.0, **settings}
+    return settings and {"user_lr_scale": 1.0, "rank": ADAPTER.rank, **settings}
+
+
+def adapter_of(args) -> AdapterConfig:
+    """ADAPTER at ``--rank``, with alpha/r held at ADAPTER's so only the capacity changes."""
+    scale = ADAPTER.alpha / ADAPTER.rank
+    return dataclasses.replace(ADAPTER, rank=args.rank, alpha=scale * args.rank)
 
 
 def cell_key(protocol: str, k, n, seed: int, method: str) -> str:
@@ -82,7 +97,7 @@ def open_store(path: Path, args) -> dict:
     settings = {"epochs": args.epochs, "lr": args.lr, "max_length": args.max_length,
                 "top_layers": ADAPTER.top_layers, "from_shared": True,
                 "strength_rule": args.strength_rule,
-                "user_lr_scale": args.user_lr_scale}  # fmt: skip
+                "user_lr_scale": args.user_lr_scale, "rank": args.rank}  # fmt: skip
     store = json.loads(path.read_text()) if path.exists() else {"cells": {}, "settings": settings}
     if settings_of(store) != settings:
         raise SystemExit(
@@ -107,7 +122,7 @@ def run_cell(store: dict, path: Path, protocol: str, k, n, seed: int, methods, s
     started, tag = time.time(), f"{protocol} K={k} n={n} seed={seed}"
     with tempfile.TemporaryDirectory() as tmp:
         results, cache = compare(
-            splits, todo, ADAPTER, cfg, DEFAULT_BACKBONE, tmp,
+            splits, todo, adapter_of(args), cfg, DEFAULT_BACKBONE, tmp,
             log=lambda m: print(f"{tag} {m}", flush=True), prefix_cache=cache, from_shared=True,
         )  # fmt: skip
         diag = json.loads((Path(tmp) / "summary.json").read_text())["diagnostics"]
