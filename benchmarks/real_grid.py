@@ -49,6 +49,13 @@ def parser(doc: str, data: Path, name: str, n: str) -> argparse.ArgumentParser:
         help="every method's rank (alpha = 2 * rank, so alpha/r stays 2); other than 8, pass a "
         "--json of its own (e.g. NAME_rank16.json)",
     )
+    p.add_argument(
+        "--prior",
+        type=float,
+        default=TrainConfig().prior,
+        help="the training prior's precision on user deviations (TrainConfig.prior); other "
+        "than the default, pass a --json of its own (e.g. NAME_prior0.json)",
+    )
     p.add_argument("--max-length", type=int, default=256)
     add_strength_rule(p)
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / f"{name}.json"))
@@ -77,9 +84,10 @@ def add_user_lr_scale(p: argparse.ArgumentParser) -> None:
 
 def settings_of(store: dict) -> dict | None:
     """A store's settings; stores written before --user-lr-scale ran at 1 (the default then),
-    and those written before --rank at ADAPTER's rank."""
+    those written before --rank and --prior at ADAPTER's rank and TrainConfig's prior."""
     settings = store.get("settings")
-    return settings and {"user_lr_scale": 1.0, "rank": ADAPTER.rank, **settings}
+    old = {"user_lr_scale": 1.0, "rank": ADAPTER.rank, "prior": TrainConfig().prior}
+    return settings and {**old, **settings}
 
 
 def adapter_of(args) -> AdapterConfig:
@@ -97,7 +105,8 @@ def open_store(path: Path, args) -> dict:
     settings = {"epochs": args.epochs, "lr": args.lr, "max_length": args.max_length,
                 "top_layers": ADAPTER.top_layers, "from_shared": True,
                 "strength_rule": args.strength_rule,
-                "user_lr_scale": args.user_lr_scale, "rank": args.rank}  # fmt: skip
+                "user_lr_scale": args.user_lr_scale, "rank": args.rank,
+                "prior": args.prior}  # fmt: skip
     store = json.loads(path.read_text()) if path.exists() else {"cells": {}, "settings": settings}
     if settings_of(store) != settings:
         raise SystemExit(
@@ -117,7 +126,7 @@ def run_cell(store: dict, path: Path, protocol: str, k, n, seed: int, methods, s
     cfg = TrainConfig(
         epochs=args.epochs, lr=args.lr, max_length=args.max_length, seed=seed,
         group_by_length=True, select_best=False, progress=False,
-        strength_rule=args.strength_rule, user_lr_scale=args.user_lr_scale,
+        strength_rule=args.strength_rule, user_lr_scale=args.user_lr_scale, prior=args.prior,
     )  # fmt: skip
     started, tag = time.time(), f"{protocol} K={k} n={n} seed={seed}"
     with tempfile.TemporaryDirectory() as tmp:
