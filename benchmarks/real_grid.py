@@ -82,12 +82,17 @@ def add_user_lr_scale(p: argparse.ArgumentParser) -> None:
     )
 
 
-def settings_of(store: dict) -> dict | None:
-    """A store's settings; stores written before --user-lr-scale ran at 1 (the default then),
-    those written before --rank and --prior at ADAPTER's rank and TrainConfig's prior."""
+# What stores written before a setting was recorded ran with: --user-lr-scale at 1 (the
+# default then) and ADAPTER's rank; this module's stores also ran at TrainConfig's prior (the
+# UKP stores record theirs, and some of them ran without one).
+LEGACY = {"user_lr_scale": 1.0, "rank": ADAPTER.rank}
+GRID_LEGACY = {**LEGACY, "prior": TrainConfig().prior}
+
+
+def settings_of(store: dict, legacy: dict = LEGACY) -> dict | None:
+    """A store's settings, with ``legacy`` for the settings it was written before."""
     settings = store.get("settings")
-    old = {"user_lr_scale": 1.0, "rank": ADAPTER.rank, "prior": TrainConfig().prior}
-    return settings and {**old, **settings}
+    return settings and {**legacy, **settings}
 
 
 def adapter_of(args) -> AdapterConfig:
@@ -108,7 +113,7 @@ def open_store(path: Path, args) -> dict:
                 "user_lr_scale": args.user_lr_scale, "rank": args.rank,
                 "prior": args.prior}  # fmt: skip
     store = json.loads(path.read_text()) if path.exists() else {"cells": {}, "settings": settings}
-    if settings_of(store) != settings:
+    if settings_of(store, GRID_LEGACY) != settings:
         raise SystemExit(
             f"{path} holds cells run with {store.get('settings')}; pass another --json"
         )

@@ -65,6 +65,9 @@ def cell_key(k, n, seed, method) -> str:
 
 def run(args) -> dict:
     path = Path(args.json)
+    adapter = AdapterConfig(
+        rank=8, alpha=16, targets=["query", "value"], top_layers=args.top_layers
+    )
     settings = {
         "epochs": args.epochs,
         "lr": args.lr,
@@ -78,6 +81,7 @@ def run(args) -> dict:
         "shrinkage_by": "calibrated_loss",
         "strength_rule": args.strength_rule,
         "user_lr_scale": args.user_lr_scale,
+        "rank": adapter.rank,
     }
     store = json.loads(path.read_text()) if path.exists() else {"cells": {}, "settings": settings}
     if settings_of(store) != settings:
@@ -88,9 +92,6 @@ def run(args) -> dict:
     data, report = read_preferences(args.data, Columns(group="pair_id"), on_bad_rows="skip")
     print(report.summary(), flush=True)
     methods = args.methods.split(",")
-    adapter = AdapterConfig(
-        rank=8, alpha=16, targets=["query", "value"], top_layers=args.top_layers
-    )
     for k in map(int, args.k.split(",")):
         for seed in map(int, args.seeds.split(",")):
             cache = None
