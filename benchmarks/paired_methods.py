@@ -14,42 +14,34 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from paired_stores import _natural
+from paired_stores import _natural, gap_columns
 
 from sharelora.evaluate import bootstrap_ci
 
 
 def paired(store: dict, a: str, b: str) -> list[str]:
     """Markdown rows, one per (protocol, K, n) where both methods ran in some seed."""
-    groups = defaultdict(list)  # "protocol K n" -> [(cell of a, cell of b)] over seeds
+    groups = defaultdict(list)  # "protocol K n" -> [(cell of b, cell of a)] over seeds
     cells = store["cells"]
     for key, cell in cells.items():
         other = key.removesuffix(f" {a}") + f" {b}"
         if cell["method"] == a and other in cells:
-            groups[re.sub(r" seed=\d+ .*", "", key)].append((cell, cells[other]))
+            groups[re.sub(r" seed=\d+ .*", "", key)].append((cells[other], cell))
     lines = [
-        f"| cell | seeds | {a} | {b} | {a} − {b} (per seed) | 95% interval over users |",
+        f"| cell | seeds | {b} | {a} | {a} − {b} (per seed) | 95% interval over users |",
         "|---|---:|---:|---:|---|---|",
     ]
     for group in sorted(groups, key=_natural):
         pairs = groups[group]
         diffs = [
-            x["users"][u] - y["users"][u] for x, y in pairs for u in x["users"] if u in y["users"]
+            y["users"][u] - x["users"][u] for x, y in pairs for u in y["users"] if u in x["users"]
         ]
         low, high = bootstrap_ci(diffs, 0, 2000)
-        mean_a = statistics.mean(x["macro_accuracy"] for x, _ in pairs)
-        mean_b = statistics.mean(y["macro_accuracy"] for _, y in pairs)
-        per_seed = ", ".join(
-            f"{100 * (x['macro_accuracy'] - y['macro_accuracy']):+.1f}" for x, y in pairs
-        )
-        lines.append(
-            f"| {group} | {len(pairs)} | {mean_a:.3f} | {mean_b:.3f} | "
-            f"{100 * (mean_a - mean_b):+.1f} ({per_seed}) | [{100 * low:+.1f}, {100 * high:+.1f}] |"
-        )
+        interval = f"[{100 * low:+.1f}, {100 * high:+.1f}]"
+        lines.append(f"| {group} | {len(pairs)} | {gap_columns(pairs)} | {interval} |")
     return lines
 
 

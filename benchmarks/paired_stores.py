@@ -30,6 +30,15 @@ def _natural(text: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
 
 
+def gap_columns(pairs: list[tuple[dict, dict]]) -> str:
+    """``mean x | mean y | y − x (per seed)`` of macro accuracy over paired cells ``(x, y)``."""
+    a = [x["macro_accuracy"] for x, _ in pairs]
+    b = [y["macro_accuracy"] for _, y in pairs]
+    diffs = ", ".join(f"{100 * (y - x):+.1f}" for x, y in zip(a, b, strict=True))
+    gap = 100 * (statistics.mean(b) - statistics.mean(a))
+    return f"{statistics.mean(a):.3f} | {statistics.mean(b):.3f} | {gap:+.1f} ({diffs})"
+
+
 def paired(base: dict, other: dict, methods: list[str] | None) -> list[str]:
     """Markdown rows: one per (setting of the cell without its seed, method)."""
     groups = defaultdict(list)  # "protocol K n method" -> [(base cell, other cell)]
@@ -42,16 +51,10 @@ def paired(base: dict, other: dict, methods: list[str] | None) -> list[str]:
     ]
     for group in sorted(groups, key=_natural):
         pairs = groups[group]
-        a = [p[0]["macro_accuracy"] for p in pairs]
-        b = [p[1]["macro_accuracy"] for p in pairs]
-        diffs = ", ".join(f"{100 * (y - x):+.1f}" for x, y in zip(a, b, strict=True))
         losses = [(best_val_loss(p[0]), best_val_loss(p[1])) for p in pairs]
         judged = [(x, y) for x, y in losses if x is not None and y is not None]
         votes = f"{sum(y < x for x, y in judged)}/{len(judged)}" if judged else "—"
-        lines.append(
-            f"| {group} | {len(pairs)} | {statistics.mean(a):.3f} | {statistics.mean(b):.3f} "
-            f"| {100 * (statistics.mean(b) - statistics.mean(a)):+.1f} ({diffs}) | {votes} |"
-        )
+        lines.append(f"| {group} | {len(pairs)} | {gap_columns(pairs)} | {votes} |")
     return lines
 
 
