@@ -20,15 +20,16 @@ It writes FILE (default benchmarks/results/real_ukp.json), FILE.md (tables) and 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import tempfile
 import time
 from pathlib import Path
 
-from real_grid import add_strength_rule, add_user_lr_scale, settings_of
+from real_grid import ADAPTER, add_strength_rule, add_user_lr_scale, settings_of
 from ukp_report import report
 
-from sharelora import DEFAULT_BACKBONE, AdapterConfig
+from sharelora import DEFAULT_BACKBONE
 from sharelora.compare import compare
 from sharelora.data import Columns, SplitConfig, read_preferences, split_per_user
 from sharelora.train import TrainConfig
@@ -65,9 +66,7 @@ def cell_key(k, n, seed, method) -> str:
 
 def run(args) -> dict:
     path = Path(args.json)
-    adapter = AdapterConfig(
-        rank=8, alpha=16, targets=["query", "value"], top_layers=args.top_layers
-    )
+    adapter = dataclasses.replace(ADAPTER, top_layers=args.top_layers)
     settings = {
         "epochs": args.epochs,
         "lr": args.lr,
