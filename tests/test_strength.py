@@ -201,7 +201,11 @@ def test_compare_from_shared_at_strength_zero_equals_shared(tiny_text_backbone, 
         from_shared=True,
     )
     for method in ("sharelora", "core"):
-        assert results[method]["users"] == results["shared"]["users"]
+        # Per-user bmm against the shared matmul: equal to float rounding, not bit for bit.
+        users = results["shared"]["users"]
+        assert results[method]["users"].keys() == users.keys()
+        for user, expected in users.items():
+            assert results[method]["users"][user] == pytest.approx(expected, rel=1e-5)
         assert results[method]["strength"] == 0.0
     with pytest.raises(ValueError, match="needs 'shared' among the methods"):
         compare(

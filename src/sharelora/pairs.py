@@ -8,18 +8,21 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from .data import PairDataset, PairTokenizer
+from .pooled import first_token_block, first_token_only
 from .prefix import PrefixCache
 
 
-def pair_rewards(model, batch: dict, cache=None, indices=None) -> torch.Tensor:
+def pair_rewards(model, batch: dict, cache=None, indices=None, first_token=None) -> torch.Tensor:
     """Rewards ``[rows]`` for a collated batch (a pair batch: chosen rows first), through the
-    prefix cache when one is given (``indices``: each row's cached-state index)."""
+    prefix cache when one is given (``indices``: each row's cached-state index), with the last
+    block at position 0 only when ``first_token`` is that block (``sharelora.pooled``)."""
     inputs = {k: v for k, v in batch.items() if k not in ("index", "cache_index")}
-    if cache is None:
-        return model(**inputs)
-    hidden = cache.batch(indices, inputs["attention_mask"])
-    with cache.use(hidden):
-        return model(**inputs)
+    with first_token_only(first_token):
+        if cache is None:
+            return model(**inputs)
+        hidden = cache.batch(indices, inputs["attention_mask"])
+        with cache.use(hidden):
+            return model(**inputs)
 
 
 def bt_loss(rewards: torch.Tensor) -> torch.Tensor:
@@ -107,6 +110,7 @@ class PairRun:
         self.train = PairDataset(train_data, model.users, encoder) if train_data else None
         self.val = PairDataset(val_data, model.users, encoder) if val_data else None
         self.cache = cache
+        self.first_token = first_token_block(model.backbone)  # None: the full last block
         self.index: dict[int, tuple[list[int], list[int]]] = {}
         self._distinct: dict[tuple[int, bool], DistinctRows] = {}
         if cache is not None:
@@ -127,7 +131,7 @@ class PairRun:
         gradient is the same sum over every row.
         """
         if self.cache is None:
-            return pair_rewards(model, batch)
+            return pair_rewards(model, batch, first_token=self.first_token)
         chosen, rejected = self.index[id(ds)]
         pos = batch["index"].tolist()
         indices = [chosen[i] for i in pos] + [rejected[i] for i in pos]  # [2B] cache rows
@@ -140,10 +144,11 @@ class PairRun:
                 kept.append(r)
             inverse.append(first[key])
         if len(kept) == len(indices):
-            return pair_rewards(model, batch, self.cache, indices)
+            return pair_rewards(model, batch, self.cache, indices, self.first_token)
         rows = torch.tensor(kept, device=batch["input_ids"].device)
         sub = {k: v.index_select(0, rows) for k, v in batch.items() if k != "index"}
-        distinct = pair_rewards(model, sub, self.cache, [indices[r] for r in kept])  # [D]
+        kept_indices = [indices[r] for r in kept]
+        distinct = pair_rewards(model, sub, self.cache, kept_indices, self.first_token)  # [D]
         return distinct[torch.tensor(inverse, device=distinct.device)]
 
     def distinct_rows(self, ds: PairDataset, share_users: bool) -> DistinctRows:
@@ -155,6 +160,5 @@ class PairRun:
 
     def row_rewards(self, model, batch: dict) -> torch.Tensor:
         """Rewards ``[B]`` for a batch of distinct rows."""
-        if self.cache is None:
-            return pair_rewards(model, batch)
-        return pair_rewards(model, batch, self.cache, batch["cache_index"].tolist())
+        indices = batch["cache_index"].tolist() if self.cache is not None else None
+        return pair_rewards(model, batch, self.cache, indices, self.first_token)
