@@ -141,13 +141,17 @@ def _pooled_slope(cells: list[dict]) -> float:
 
 
 def timing(cells: list[dict], methods: list[str]) -> str:
-    """Time spent, and the full grid's estimate: a cell not run costs its K's mean plus the
-    pooled seconds per training pair times the difference in training pairs; training pairs of
-    n=all are the seed-0 split's (``ALL_PAIRS``)."""
+    """Time spent, and the full grid's estimate at the current speed: from the cells run with
+    the top block at position 0 only (``first_token``) when there are any, else from all. Each
+    (K, n) costs the mean of its timed cells; one with none costs its K's mean plus the pooled
+    seconds per training pair times the difference in training pairs; training pairs of n=all
+    are the seed-0 split's (``ALL_PAIRS``)."""
     spent = sum(c["seconds"] for c in cells)
-    slope, total, fitted, unmeasured = _pooled_slope(cells), 0.0, [], []
+    current = [c for c in cells if c.get("first_token")]
+    timed = current or cells
+    slope, total, fitted, unmeasured = _pooled_slope(timed), 0.0, [], []
     for k in GRID["K"]:
-        mine = [c for c in cells if c["K"] == k]
+        mine = [c for c in timed if c["K"] == k]
         if not mine:  # nothing to extrapolate from: left out of the estimate, and said so
             unmeasured.append(k)
             continue
@@ -168,6 +172,11 @@ def timing(cells: list[dict], methods: list[str]) -> str:
         f"shared with other work: an upper bound). The full grid ({len(methods)} methods, K ∈ "
         f"{GRID['K']}, n ∈ {GRID['n']}, {GRID['seeds']} seeds) is estimated at "
         f"{total / 3600:.1f} h on this machine"
+        + (
+            f", timed from the {len(current)} cells run with the top block at position 0 only"
+            if current
+            else ""
+        )
         + (f" without K = {unmeasured} (no cell run there yet)" if unmeasured else "")
         + f" ({slope * 1000:.0f} s per 1,000 training pairs); "
         f"per method-cell where not measured: {'; '.join(fitted) or 'none'}.\n"
