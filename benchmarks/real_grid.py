@@ -21,7 +21,7 @@ from ukp_report import _grid_table, _mean_sd
 
 from sharelora import DEFAULT_BACKBONE, AdapterConfig
 from sharelora.compare import compare
-from sharelora.config import STRENGTH_RULES
+from sharelora.config import PRIOR_ON, STRENGTH_RULES
 from sharelora.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,6 +56,13 @@ def parser(doc: str, data: Path, name: str, n: str) -> argparse.ArgumentParser:
         help="the training prior's precision on user deviations (TrainConfig.prior); other "
         "than the default, pass a --json of its own (e.g. NAME_prior0.json)",
     )
+    p.add_argument(
+        "--prior-on",
+        choices=PRIOR_ON,
+        default=TrainConfig().prior_on,
+        help="what the training prior measures (TrainConfig.prior_on); other than the default, "
+        "pass a --json of its own (e.g. NAME_prior_weights.json)",
+    )
     p.add_argument("--max-length", type=int, default=256)
     add_strength_rule(p)
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / f"{name}.json"))
@@ -83,10 +90,10 @@ def add_user_lr_scale(p: argparse.ArgumentParser) -> None:
 
 
 # What stores written before a setting was recorded ran with: --user-lr-scale at 1 (the
-# default then) and ADAPTER's rank; this module's stores also ran at TrainConfig's prior (the
-# UKP stores record theirs, and some of them ran without one).
+# default then) and ADAPTER's rank; this module's stores also ran at TrainConfig's prior, on
+# the factors (the UKP stores record their prior, and some of them ran without one).
 LEGACY = {"user_lr_scale": 1.0, "rank": ADAPTER.rank}
-GRID_LEGACY = {**LEGACY, "prior": TrainConfig().prior}
+GRID_LEGACY = {**LEGACY, "prior": TrainConfig().prior, "prior_on": "factors"}
 
 
 def settings_of(store: dict, legacy: dict = LEGACY) -> dict | None:
@@ -111,7 +118,7 @@ def open_store(path: Path, args) -> dict:
                 "top_layers": ADAPTER.top_layers, "from_shared": True,
                 "strength_rule": args.strength_rule,
                 "user_lr_scale": args.user_lr_scale, "rank": args.rank,
-                "prior": args.prior}  # fmt: skip
+                "prior": args.prior, "prior_on": args.prior_on}  # fmt: skip
     store = json.loads(path.read_text()) if path.exists() else {"cells": {}, "settings": settings}
     if settings_of(store, GRID_LEGACY) != settings:
         raise SystemExit(
@@ -132,6 +139,7 @@ def run_cell(store: dict, path: Path, protocol: str, k, n, seed: int, methods, s
         epochs=args.epochs, lr=args.lr, max_length=args.max_length, seed=seed,
         group_by_length=True, select_best=False, progress=False,
         strength_rule=args.strength_rule, user_lr_scale=args.user_lr_scale, prior=args.prior,
+        prior_on=args.prior_on,
     )  # fmt: skip
     started, tag = time.time(), f"{protocol} K={k} n={n} seed={seed}"
     with tempfile.TemporaryDirectory() as tmp:

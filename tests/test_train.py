@@ -136,6 +136,7 @@ def test_nan_loss_stops_with_step(tiny_text_backbone, monkeypatch):
         ({"user_lr_scale": 0}, "user_lr_scale must be a positive number"),
         ({"warmup_epochs": 3, "epochs": 3}, "warmup_epochs"),
         ({"schedule": "step"}, "schedule must be one of"),
+        ({"prior_on": "rows"}, "prior_on must be one of"),
     ],
 )
 def test_train_config_validation(kwargs, message):
@@ -157,6 +158,74 @@ def test_deviation_penalty_is_the_prior_on_each_users_summed_loss(tiny_text_back
         for u in pair_users.tolist():
             expected += (table[u] - center).pow(2).sum().item() / (2 * counts[u].item()) / 3
     assert got.item() == pytest.approx(expected, rel=1e-5)
+
+
+def _dense_weight_change(layer, user: int, center: dict) -> float:
+    """``|ΔW_u − ΔW̄|²`` from dense ``[out, in]`` deltas: row ``u`` set to the population's
+    rows gives ``ΔW̄`` (the shared factors as they are)."""
+    with torch.no_grad():
+        tables = layer.user_parameters
+        saved = {n: t[user].clone() for n, t in tables.items()}
+        personal = layer.delta_weight(user)
+        for n, t in tables.items():
+            t[user] = center[n][0]
+        mean = layer.delta_weight(user)
+        for n, t in tables.items():
+            t[user] = saved[n]
+    return (personal - mean).pow(2).sum().item()
+
+
+@pytest.mark.parametrize("method", ["sharelora", "independent", "sharelora-b", "core", "diag"])
+def test_weight_prior_is_the_dense_weight_change(tiny_text_backbone, method):
+    model = _model(tiny_text_backbone, method)
+    randomize(model, seed=1)
+    model.population = population.from_row(model, 0)
+    randomize(model, seed=2)
+    counts = torch.tensor([4, 10])
+    pair_users = torch.tensor([0, 1, 1])
+    got = population.deviation_penalty(model, pair_users, counts, on="weights")
+    expected = 0.0
+    for name, layer in model.adapter_layers.items():
+        center = {p: model.population[f"{name}.{p}"] for p in layer.user_parameters}
+        for u in pair_users.tolist():
+            expected += _dense_weight_change(layer, u, center) / (2 * counts[u].item()) / 3
+    assert got.item() == pytest.approx(expected, rel=1e-4)
+    # The shared factors are held fixed in it: the prior never shrinks what users share.
+    model.zero_grad()
+    got.backward()
+    assert all(p.grad is None for p in model.shared_parameters())
+    assert all(t.grad.abs().sum() > 0 for t in model.user_parameters())
+
+
+def test_weight_prior_is_neutral_between_factorings(tiny_text_backbone):
+    # One weight change s·B M Ā, made by sharelora through A_u = Ā + M Ā and by independent
+    # through B_u = B + B M: the factor prior charges |M Ā|² and |B M|², the weight prior the
+    # same for both.
+    models = {m: _model(tiny_text_backbone, m) for m in ("sharelora", "independent")}
+    randomize(models["sharelora"])
+    g = torch.Generator().manual_seed(3)
+    for m in models.values():
+        m.population = {}
+    for name, layer in models["sharelora"].adapter_layers.items():
+        other = models["independent"].adapter_layers[name]
+        a0, b = layer.user_A[0].detach(), layer.lora_B.detach()  # [r, in], [out, r]
+        mix = torch.randn(layer.rank, layer.rank, generator=g)  # M [r, r]
+        with torch.no_grad():
+            layer.user_A[1] = a0 + mix @ a0
+            other.user_A.copy_(a0.expand_as(other.user_A))
+            other.user_B[0], other.user_B[1] = b, b + b @ mix
+        models["sharelora"].population[f"{name}.user_A"] = a0[None].clone()
+        models["independent"].population[f"{name}.user_A"] = a0[None].clone()
+        models["independent"].population[f"{name}.user_B"] = b[None].clone()
+    users, counts = torch.tensor([1]), torch.tensor([1, 1])
+    penalty = {
+        (m, on): population.deviation_penalty(models[m], users, counts, on).item()
+        for m in models
+        for on in ("factors", "weights")
+    }
+    assert penalty["sharelora", "weights"] == pytest.approx(penalty["independent", "weights"])
+    assert penalty["sharelora", "weights"] > 0
+    assert penalty["sharelora", "factors"] != pytest.approx(penalty["independent", "factors"])
 
 
 @pytest.mark.parametrize("sparse_users", ["off", "on"])

@@ -152,6 +152,18 @@ class _UserTables(nn.Module):
             rows = table[ids]
         return rows.to(device, non_blocking=True)
 
+    def deviation_sq(
+        self, ids: torch.Tensor, center: dict[str, torch.Tensor], weights: bool = False
+    ) -> torch.Tensor:
+        """``|Δ_u|²`` ``[k]`` of users ``ids`` ``[k]`` from the population rows ``center``
+        (``{table name: [1, ...]}``): summed over this layer's per-user tables. ``weights``
+        changes nothing here: a head offset is its own weight change."""
+        total = torch.zeros(len(ids), device=ids.device)
+        for name, table in self.user_parameters.items():
+            rows = self._rows(table, ids)  # [k, ...]
+            total = total + (rows - center[name].to(rows)).pow(2).flatten(1).sum(1)
+        return total
+
     def _apply(self, fn, recurse: bool = True):
         # With host tables, moving the model (.to, .cuda, accelerate's prepare) moves every
         # tensor but the per-user tables, which are bounded by host memory, not the device's.
@@ -269,6 +281,36 @@ class PersonalLoRALayer(_UserTables):
         else:
             delta = z @ self.lora_B.T  # [b,T,out]
         return out + (delta * self.scale).reshape(*lead, self.out_features).to(out.dtype)
+
+    def _factors(self, rows: dict[str, torch.Tensor], k: int):
+        """``(A_eff [k, r, in], B [k, out, r])`` from per-user rows ``{table name: [k, ...]}``
+        (a core folded into A); shared factors are detached, so a prior on the weight change
+        never shrinks what every user shares."""
+        a = rows["user_A"] if self.user_a else self.lora_A.detach().expand(k, -1, -1)
+        if self.core == "core":
+            a = rows["user_C"] @ a  # [k, r, r] x [k, r, in]
+        elif self.core == "diag":
+            a = rows["user_d"].unsqueeze(2) * a  # [k, r, 1] * [k, r, in]
+        b = rows["user_B"] if self.user_b else self.lora_B.detach().expand(k, -1, -1)
+        return a, b
+
+    def deviation_sq(
+        self, ids: torch.Tensor, center: dict[str, torch.Tensor], weights: bool = False
+    ) -> torch.Tensor:
+        """With ``weights``: ``|s (B_u A_u − B̄ Ā)|²_F`` ``[k]``, the change of this layer's
+        weight between each user and the population (rows ``center``, the shared factors as
+        they are now), through ``2r × 2r`` Gram matrices: never an ``[out, in]`` tensor."""
+        if not weights or not self.user_parameters:
+            return super().deviation_sq(ids, center)
+        rows = {n: self._rows(t, ids) for n, t in self.user_parameters.items()}
+        a, b = self._factors(rows, len(ids))  # [k, r, in], [k, out, r]
+        a0, b0 = self._factors({n: center[n].to(rows[n]) for n in rows}, 1)  # [1, r, in], ...
+        # ΔW = P Q with P = [B_u, −B̄] [k, out, 2r] and Q = [A_u; Ā] [k, 2r, in], so
+        # |ΔW|² = tr(PᵀP QQᵀ) = Σ (PᵀP ⊙ QQᵀ): both Grams are symmetric.
+        p = torch.cat([b, -b0.expand_as(b)], dim=2)
+        q = torch.cat([a, a0.expand_as(a)], dim=1)
+        gram = (p.transpose(1, 2) @ p) * (q @ q.transpose(1, 2))  # [k, 2r, 2r]
+        return self.scale**2 * gram.flatten(1).sum(1)
 
     @property
     def _dtype(self) -> torch.dtype:

@@ -28,6 +28,8 @@ SHRINKAGE = (0.0, 1 / 3, 1.0, 3.0, float("inf"))
 # How ``strength="auto"`` picks from them: the lowest calibrated validation loss, or the
 # strongest shrinkage within one paired standard error of it (``sharelora.strength``).
 STRENGTH_RULES = ("lowest", "one-se")
+# What the training prior measures a user's deviation on (``population.deviation_penalty``).
+PRIOR_ON = ("factors", "weights")
 
 
 class UsageError(ValueError):
@@ -161,6 +163,10 @@ class TrainConfig:
             user's *summed* loss: training minimises ``Σ_i ℓ_i + (τ/2) Σ_u |Δ_u|²``, so few
             comparisons stay near the population and many move freely (0: no prior). After
             training, ``strength="auto"`` chooses how far each user moves on validation.
+        prior_on: what ``|Δ_u|²`` measures: ``"factors"``, the user's rows of every per-user
+            table, or ``"weights"``, the change of every adapted layer's weight
+            ``|ΔW_u − ΔW̄|²`` (and the head offset), the same function-space cost whichever
+            factor a method keeps per user (shared factors held fixed in it).
         init_from: directory of a trained ``shared`` model to start every user from
             (``PersonalizedRewardModel.start_from``); that model is then the population model.
         strength: how far users move from the population after training
@@ -194,6 +200,7 @@ class TrainConfig:
     user_state: str = "full"
     user_tables: str = "device"
     prior: float = 1.0
+    prior_on: str = "factors"
     init_from: str | None = None
     freeze_shared: bool = False
     strength: float | str = "auto"
@@ -246,6 +253,8 @@ class TrainConfig:
                 "freeze_shared keeps the shared tensors of the model given by init_from; pass "
                 "init_from (--init-from DIR, or compare --from-shared)"
             )
+        if self.prior_on not in PRIOR_ON:
+            raise ValueError(f"prior_on must be one of {PRIOR_ON}, got {self.prior_on!r}")
         if self.strength_rule not in STRENGTH_RULES:
             raise ValueError(
                 f"strength_rule must be one of {STRENGTH_RULES}, got {self.strength_rule!r}"

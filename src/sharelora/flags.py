@@ -11,6 +11,7 @@ import argparse
 from .config import (
     DEFAULT_BACKBONE,
     METHODS,
+    PRIOR_ON,
     SCHEDULES,
     SPARSE_USERS,
     STRENGTH_RULES,
@@ -118,6 +119,13 @@ def add_train(p: argparse.ArgumentParser) -> None:
         default=defaults.prior,
         help="precision of the Gaussian prior on each user's deviation from the population, "
         "against the user's summed loss (0: none)",
+    )
+    g.add_argument(
+        "--prior-on",
+        choices=PRIOR_ON,
+        default=defaults.prior_on,
+        help="what the prior measures: each user's factor rows (default), or the change of "
+        "each adapted layer's weight (the same cost for every method)",
     )
     g.add_argument(
         "--strength",

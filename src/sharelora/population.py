@@ -119,10 +119,12 @@ def lerp(
         tensor.copy_(torch.lerp(base, personal[name].to(tensor), w))
 
 
-def deviation_penalty(model, pair_users: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+def deviation_penalty(
+    model, pair_users: torch.Tensor, counts: torch.Tensor, on: str = "factors"
+) -> torch.Tensor:
     """The Gaussian prior on every user's deviation ``Δ_u = T_u − T̄`` from the population,
     as a per-batch term: ``Σ_i |Δ_{u_i}|² / (2 n_{u_i})`` over the batch's pairs ``i``, divided
-    by the batch size, summed over every per-user table.
+    by the batch size, summed over every adapted layer.
 
     Its mean over batches is ``(1/M) · ½ Σ_u |Δ_u|²`` for ``M`` training pairs, so ``τ`` times
     it added to the mean Bradley-Terry loss minimises ``Σ_i ℓ_i + (τ/2) Σ_u |Δ_u|²``: the
@@ -133,14 +135,14 @@ def deviation_penalty(model, pair_users: torch.Tensor, counts: torch.Tensor) -> 
     Args:
         pair_users: ``[B]`` user id of each pair in the batch.
         counts: ``[N]`` training pairs of each user, on ``pair_users``' device.
+        on: ``"factors"``: ``|Δ_u|²`` over the user's rows of every per-user table;
+            ``"weights"``: over each layer's weight change (``PersonalLoRALayer.deviation_sq``).
     """
     users, in_batch = pair_users.unique(return_counts=True)  # [k], [k]
     weight = in_batch / (len(pair_users) * counts[users].clamp(min=1))  # [k]
     total = torch.zeros((), device=pair_users.device)
     for name, layer in model.adapter_layers.items():
-        for pname, table in layer.user_parameters.items():
-            rows = layer._rows(table, users)  # [k, ...]
-            center = model.population[f"{name}.{pname}"].to(rows)  # [1, ...]
-            sq = (rows - center).pow(2).flatten(1).sum(1)  # [k]
-            total = total + (weight.to(sq) * sq).sum()
+        center = {p: model.population[f"{name}.{p}"] for p in layer.user_parameters}
+        sq = layer.deviation_sq(users, center, weights=on == "weights")  # [k]
+        total = total + (weight.to(sq) * sq).sum()
     return total / 2

@@ -236,7 +236,7 @@ class Trainer:
                 if self.counts is not None and not warmup:
                     pair_users = batch["user_ids"][: len(rewards) // 2]  # [B]: rows are [+; -]
                     loss = loss + cfg.prior * population.deviation_penalty(
-                        model, pair_users, self.counts
+                        model, pair_users, self.counts, cfg.prior_on
                     )
                 self._check_finite(loss, epoch)
                 acc.backward(loss)
@@ -384,6 +384,7 @@ class Trainer:
             else None,
             "best_val_macro_accuracy": self.progress.best,
             "prior": cfg.prior if self.counts is not None else 0.0,
+            "prior_on": cfg.prior_on,
             "strength": strength,
             "shrinkage_val": {
                 f"{s:g}": {k: m[k] for k in ("macro_accuracy", "loss", "calibrated_loss", "se")}
