@@ -54,7 +54,11 @@ def first_token_block(backbone: nn.Module) -> nn.Module | None:
         and hasattr(attention, "output")
         and hasattr(block, "feed_forward_chunk")
     )
-    if not bert_style or getattr(block, "is_decoder", True) or block.add_cross_attention:
+    if (
+        not bert_style
+        or getattr(block, "is_decoder", True)
+        or getattr(block, "add_cross_attention", True)
+    ):
         return None
     return block
 
