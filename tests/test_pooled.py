@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import VOCAB, tiny_batch
+from conftest import TINY_CONFIGS, tiny_batch
 from transformers import AutoModelForSequenceClassification, BertModel, RobertaConfig
 
 from sharelora import AdapterConfig, PersonalizedRewardModel
@@ -12,16 +12,9 @@ from sharelora.pooled import first_token_block, first_token_only
 
 
 def _roberta_dir(tmp_path) -> str:
-    config = RobertaConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=64,
-        num_labels=1,
-        pad_token_id=0,
-    )
+    """The tiny BERT's sizes in RoBERTa's body and classification head."""
+    sizes = TINY_CONFIGS["bert"]().to_diff_dict()
+    config = RobertaConfig(**{k: v for k, v in sizes.items() if k != "model_type"})
     torch.manual_seed(0)
     AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path)
     return str(tmp_path)
