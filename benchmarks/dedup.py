@@ -47,6 +47,23 @@ def load(name: str, quick: bool):
     return users, [c for c in data if c.user in chosen]
 
 
+def settings(quick: bool):
+    """Per (data, method): the model (MiniLM, adapters in the top block), an evaluation run
+    over the validation and test pairs with the frozen blocks cached, and a training run over
+    the first ``TRAIN_PAIRS`` of them sharing that cache."""
+    for name in ("ukp", "jester"):
+        users, pairs = load(name, quick)
+        for method in ("sharelora", "shared"):
+            torch.manual_seed(0)
+            model = PersonalizedRewardModel.from_backbone(
+                "minilm", users, AdapterConfig(method=method, top_layers=1), max_length=256
+            )
+            run = PairRun(model, None, pairs, 256, PrefixCache(model), progress=False)
+            train_pairs = pairs[: TRAIN_PAIRS // (4 if quick else 1)]
+            train = PairRun(model, train_pairs, None, 256, run.cache, progress=False)
+            yield name, method, model, run, train
+
+
 def epoch_seconds(model, run: PairRun, distinct: bool) -> float:
     """One epoch of forward + backward over ``run.train`` in batches of 16."""
     ds, share = run.train, not model.adapter_config.personalized
@@ -72,43 +89,34 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     args = p.parse_args()
     rows, train_rows, payload = [], [], {"machine": machine()}
-    for name in ("ukp", "jester"):
-        users, pairs = load(name, args.quick)
-        for method in ("sharelora", "shared"):
-            torch.manual_seed(0)
-            model = PersonalizedRewardModel.from_backbone(
-                "minilm", users, AdapterConfig(method=method, top_layers=1), max_length=256
-            )
-            run = PairRun(model, None, pairs, 256, PrefixCache(model), progress=False)
-            times = {False: [], True: []}
-            for _ in range(args.rounds):
-                for distinct in (False, True):
-                    start = time.perf_counter()
-                    margins = predict_margins(model, run.val, 32, run=run, distinct=distinct)
-                    times[distinct].append(time.perf_counter() - start)
-                    if distinct:
-                        after = margins
-                    else:
-                        before = margins
-            diff = max(abs(a - b) for a, b in zip(before, after, strict=True))
-            distinct_rows = len(run.distinct_rows(run.val, method == "shared"))
-            t0, t1 = min(times[False]), min(times[True])
-            rows.append([name, method, len(pairs), distinct_rows, t0, t1, t0 / t1, f"{diff:.1e}"])
-            payload[f"{name}/{method}"] = {
-                "pairs": len(pairs),
-                "distinct_rows": distinct_rows,
-                "seconds_per_pair_side": t0,
-                "seconds_distinct": t1,
-                "max_abs_margin_diff": diff,
-            }
-            # Training: the first TRAIN_PAIRS of these pairs as training pairs, one epoch each.
-            train_pairs = pairs[: TRAIN_PAIRS // (4 if args.quick else 1)]
-            train_run = PairRun(model, train_pairs, None, 256, run.cache, progress=False)
-            before = epoch_seconds(model, train_run, False)
-            now = epoch_seconds(model, train_run, True)
-            train_rows.append([name, method, len(train_pairs), before, now, before / now])
-            payload[f"{name}/{method}"] |= {"epoch_seconds_every_row": before,
-                                             "epoch_seconds_distinct": now}  # fmt: skip
+    for name, method, model, run, train_run in settings(args.quick):
+        times = {False: [], True: []}
+        for _ in range(args.rounds):
+            for distinct in (False, True):
+                start = time.perf_counter()
+                margins = predict_margins(model, run.val, 32, run=run, distinct=distinct)
+                times[distinct].append(time.perf_counter() - start)
+                if distinct:
+                    after = margins
+                else:
+                    before = margins
+        diff = max(abs(a - b) for a, b in zip(before, after, strict=True))
+        distinct_rows = len(run.distinct_rows(run.val, method == "shared"))
+        t0, t1, pairs = min(times[False]), min(times[True]), len(run.val)
+        rows.append([name, method, pairs, distinct_rows, t0, t1, t0 / t1, f"{diff:.1e}"])
+        payload[f"{name}/{method}"] = {
+            "pairs": pairs,
+            "distinct_rows": distinct_rows,
+            "seconds_per_pair_side": t0,
+            "seconds_distinct": t1,
+            "max_abs_margin_diff": diff,
+        }
+        # Training: the first TRAIN_PAIRS of these pairs as training pairs, one epoch each.
+        before = epoch_seconds(model, train_run, False)
+        now = epoch_seconds(model, train_run, True)
+        train_rows.append([name, method, len(train_run.train), before, now, before / now])
+        payload[f"{name}/{method}"] |= {"epoch_seconds_every_row": before,
+                                         "epoch_seconds_distinct": now}  # fmt: skip
     print(f"{machine()}; one evaluation pass (best of {args.rounds}), MiniLM top block, cached")
     headers = ["data", "method", "pairs", "distinct rows", "s before", "s now", "speed-up"]
     print(table([*headers, "max |Δ margin|"], rows))

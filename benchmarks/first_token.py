@@ -14,14 +14,10 @@ from __future__ import annotations
 
 import time
 
-import torch
 from common import machine, parser, table, write_json
-from dedup import TRAIN_PAIRS, epoch_seconds, load
+from dedup import epoch_seconds, settings
 
-from sharelora import AdapterConfig, PersonalizedRewardModel
 from sharelora.evaluate import predict_margins
-from sharelora.pairs import PairRun
-from sharelora.prefix import PrefixCache
 
 
 def main() -> None:
@@ -29,40 +25,31 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     args = p.parse_args()
     rows, payload = [], {"machine": machine()}
-    for name in ("ukp", "jester"):
-        users, pairs = load(name, args.quick)
-        for method in ("sharelora", "shared"):
-            torch.manual_seed(0)
-            model = PersonalizedRewardModel.from_backbone(
-                "minilm", users, AdapterConfig(method=method, top_layers=1), max_length=256
-            )
-            run = PairRun(model, None, pairs, 256, PrefixCache(model), progress=False)
-            train_pairs = pairs[: TRAIN_PAIRS // (4 if args.quick else 1)]
-            train = PairRun(model, train_pairs, None, 256, run.cache, progress=False)
-            block = run.first_token
-            assert block is not None, "MiniLM's top block should run at position 0 only"
-            evals, epochs, margins = {}, {}, {}
-            for _ in range(args.rounds):
-                for first in (None, block):
-                    run.first_token = train.first_token = first
-                    start = time.perf_counter()
-                    margins[first is None] = predict_margins(model, run.val, 32, run=run)
-                    evals.setdefault(first is None, []).append(time.perf_counter() - start)
-                    epochs.setdefault(first is None, []).append(epoch_seconds(model, train, True))
-            diff = max(abs(a - b) for a, b in zip(margins[True], margins[False], strict=True))
-            e0, e1 = min(evals[True]), min(evals[False])
-            t0, t1 = min(epochs[True]), min(epochs[False])
-            rows.append([name, method, len(pairs), e0, e1, e0 / e1, len(train_pairs), t0, t1,
-                         t0 / t1, f"{diff:.1e}"])  # fmt: skip
-            payload[f"{name}/{method}"] = {
-                "eval_pairs": len(pairs),
-                "eval_seconds_full_block": e0,
-                "eval_seconds_first_token": e1,
-                "train_pairs": len(train_pairs),
-                "epoch_seconds_full_block": t0,
-                "epoch_seconds_first_token": t1,
-                "max_abs_margin_diff": diff,
-            }
+    for name, method, model, run, train in settings(args.quick):
+        block = run.first_token
+        assert block is not None, "MiniLM's top block should run at position 0 only"
+        evals, epochs, margins = {}, {}, {}
+        for _ in range(args.rounds):
+            for first in (None, block):
+                run.first_token = train.first_token = first
+                start = time.perf_counter()
+                margins[first is None] = predict_margins(model, run.val, 32, run=run)
+                evals.setdefault(first is None, []).append(time.perf_counter() - start)
+                epochs.setdefault(first is None, []).append(epoch_seconds(model, train, True))
+        diff = max(abs(a - b) for a, b in zip(margins[True], margins[False], strict=True))
+        e0, e1 = min(evals[True]), min(evals[False])
+        t0, t1 = min(epochs[True]), min(epochs[False])
+        rows.append([name, method, len(run.val), e0, e1, e0 / e1, len(train.train), t0, t1,
+                     t0 / t1, f"{diff:.1e}"])  # fmt: skip
+        payload[f"{name}/{method}"] = {
+            "eval_pairs": len(run.val),
+            "eval_seconds_full_block": e0,
+            "eval_seconds_first_token": e1,
+            "train_pairs": len(train.train),
+            "epoch_seconds_full_block": t0,
+            "epoch_seconds_first_token": t1,
+            "max_abs_margin_diff": diff,
+        }
     print(f"{machine()}; best of {args.rounds}; MiniLM top block, frozen blocks cached")
     headers = ["data", "method", "eval pairs", "s full", "s first", "speed-up", "train pairs",
                "epoch s full", "epoch s first", "speed-up", "max |Δ margin|"]  # fmt: skip
