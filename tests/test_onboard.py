@@ -16,7 +16,7 @@ from sharelora.users import UnknownUserError
 
 # The toy's lr is 5x the default, for few steps; its user rows overshoot at 4x that (the
 # default user_lr_scale), so here they step at lr (onboarding at 2e-2 or 4e-2 missed 0.8).
-CFG = TrainConfig(epochs=6, lr=1e-2, user_lr_scale=1, batch_size=8, progress=False, max_length=32)
+CFG = TrainConfig(epochs=8, lr=1e-2, user_lr_scale=1, batch_size=8, progress=False, max_length=32)
 
 
 def cloudy(n, seed=0):

@@ -35,7 +35,7 @@ def reward_dir(tiny_text_backbone, tmp_path_factory):
     )
     # lr 5x the default for few steps, so the user rows step at lr (test_onboard.py says why)
     cfg = TrainConfig(
-        epochs=4, lr=1e-2, user_lr_scale=1, batch_size=8, progress=False, max_length=32
+        epochs=6, lr=1e-2, user_lr_scale=1, batch_size=8, progress=False, max_length=32
     )
     train(model, opposite_tastes(30), None, cfg, out)
     return str(out)
