@@ -324,13 +324,9 @@ class PersonalLoRALayer(_UserTables):
         """
         if user_id is None and self.method != "shared":
             raise ValueError(f"method {self.method!r} needs a user id for its factors")
-        a = self.user_A[user_id] if self.user_a else self.lora_A
-        b = self.user_B[user_id] if self.user_b else self.lora_B
-        if self.core == "core":
-            a = self.user_C[user_id] @ a
-        elif self.core == "diag":
-            a = self.user_d[user_id].unsqueeze(1) * a
-        return a.detach(), b.detach()
+        rows = {n: t[user_id : user_id + 1] for n, t in self.user_parameters.items()}  # [1, ...]
+        a, b = self._factors(rows, 1)  # [1, r, in], [1, out, r]
+        return a[0].detach(), b[0].detach()
 
     def delta_weight(self, user_id: int | None) -> torch.Tensor:
         """``ΔW_u = scale * B_eff @ A_eff`` in the base layer's layout (Conv1D: ``[in, out]``)."""
