@@ -22,6 +22,7 @@ from ukp_report import _grid_table, _mean_sd
 from sharelora import DEFAULT_BACKBONE, AdapterConfig
 from sharelora.compare import compare
 from sharelora.config import PRIOR_ON, STRENGTH_RULES
+from sharelora.flags import number_or_auto
 from sharelora.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,10 +52,11 @@ def parser(doc: str, data: Path, name: str, n: str) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--prior",
-        type=float,
+        type=number_or_auto,
         default=TrainConfig().prior,
-        help="the training prior's precision on user deviations (TrainConfig.prior); other "
-        "than the default, pass a --json of its own (e.g. NAME_prior0.json)",
+        help="the training prior's precision on user deviations (TrainConfig.prior; auto: "
+        "chosen on validation); other than the default, pass a --json of its own (e.g. "
+        "NAME_prior0.json)",
     )
     p.add_argument(
         "--prior-on",
@@ -148,11 +150,9 @@ def run_cell(store: dict, path: Path, protocol: str, k, n, seed: int, methods, s
             log=lambda m: print(f"{tag} {m}", flush=True), prefix_cache=cache, from_shared=True,
         )  # fmt: skip
         diag = json.loads((Path(tmp) / "summary.json").read_text())["diagnostics"]
-        # The validation losses behind each chosen strength, to set against the test.
-        tried = {
-            m: json.loads((Path(tmp) / m / "sharelora.json").read_text())["training"].get(
-                "shrinkage_val", {}
-            )
+        # The validation losses behind each chosen strength (and prior), to set against the test.
+        training = {
+            m: json.loads((Path(tmp) / m / "sharelora.json").read_text())["training"]
             for m in results
         }
     seconds = round((time.time() - started) / len(results), 1)
@@ -166,7 +166,9 @@ def run_cell(store: dict, path: Path, protocol: str, k, n, seed: int, methods, s
             "room": diag["room"]["rate"],
             "users": {u: v["accuracy"] for u, v in metrics["users"].items()},
             "val_by": splits.manifest["val_by"], "seconds": seconds,
-            "shrinkage_val": tried[method],
+            "shrinkage_val": training[method].get("shrinkage_val", {}),
+            "prior": training[method]["prior"],
+            "prior_search": training[method].get("prior_search"),
         }  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(store, indent=1))

@@ -30,6 +30,9 @@ SHRINKAGE = (0.0, 1 / 3, 1.0, 3.0, float("inf"))
 STRENGTH_RULES = ("lowest", "one-se")
 # What the training prior measures a user's deviation on (``population.deviation_penalty``).
 PRIOR_ON = ("factors", "weights")
+# The precisions ``prior="auto"`` trains at and chooses from on validation (``sharelora.prior``):
+# the default and a quarter of it (on Jester's seen jokes validation preferred ¼ to 1 and 1 to 4).
+PRIOR_GRID = (1.0, 0.25)
 
 
 class UsageError(ValueError):
@@ -163,6 +166,8 @@ class TrainConfig:
             user's *summed* loss: training minimises ``Σ_i ℓ_i + (τ/2) Σ_u |Δ_u|²``, so few
             comparisons stay near the population and many move freely (0: no prior). After
             training, ``strength="auto"`` chooses how far each user moves on validation.
+            ``"auto"`` trains once per τ in ``PRIOR_GRID`` and keeps the one with the lowest
+            calibrated validation loss (``sharelora.prior``; personalized methods only).
         prior_on: what ``|Δ_u|²`` measures: ``"factors"``, the user's rows of every per-user
             table, or ``"weights"``, the change of every adapted layer's weight
             ``|ΔW_u − ΔW̄|²`` (and the head offset), the same function-space cost whichever
@@ -199,7 +204,7 @@ class TrainConfig:
     sparse_users: str = "auto"
     user_state: str = "full"
     user_tables: str = "device"
-    prior: float = 1.0
+    prior: float | str = 1.0
     prior_on: str = "factors"
     init_from: str | None = None
     freeze_shared: bool = False
@@ -259,5 +264,13 @@ class TrainConfig:
             raise ValueError(
                 f"strength_rule must be one of {STRENGTH_RULES}, got {self.strength_rule!r}"
             )
-        if min(self.eval_every, self.weight_decay, self.max_grad_norm, self.prior) < 0:
+        if self.prior != "auto" and (
+            isinstance(self.prior, bool) or not isinstance(self.prior, (int, float))
+        ):
+            raise ValueError(
+                f"prior must be a number >= 0 (0: none) or 'auto' (chosen on validation), "
+                f"got {self.prior!r}"
+            )
+        prior = 0.0 if self.prior == "auto" else self.prior
+        if min(self.eval_every, self.weight_decay, self.max_grad_norm, prior) < 0:
             raise ValueError("eval_every, weight_decay, max_grad_norm and prior must be >= 0")

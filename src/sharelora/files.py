@@ -10,11 +10,26 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import socket
 import time
 from pathlib import Path
 
 from safetensors.torch import save_file
+
+# What a fresh run removes from its output directory: a previous run's state must never be
+# read back as this run's (its best checkpoint, its log, its metrics).
+RUN_STATE = ("checkpoints", "train_log.jsonl", "val_metrics.json", "metrics.json")
+
+
+def clear_run_state(directory: Path) -> None:
+    """Remove a previous run's ``RUN_STATE`` from ``directory``."""
+    for name in RUN_STATE:
+        path = directory / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def _tmp(path: Path) -> Path:

@@ -11,6 +11,7 @@ import argparse
 from .config import (
     DEFAULT_BACKBONE,
     METHODS,
+    PRIOR_GRID,
     PRIOR_ON,
     SCHEDULES,
     SPARSE_USERS,
@@ -115,10 +116,11 @@ def add_train(p: argparse.ArgumentParser) -> None:
     g.add_argument("--schedule", choices=SCHEDULES, default="linear")
     g.add_argument(
         "--prior",
-        type=float,
+        type=number_or_auto,
         default=defaults.prior,
         help="precision of the Gaussian prior on each user's deviation from the population, "
-        "against the user's summed loss (0: none)",
+        "against the user's summed loss (0: none); auto trains at each of "
+        f"{', '.join(f'{t:g}' for t in PRIOR_GRID)} and keeps the best on validation",
     )
     g.add_argument(
         "--prior-on",
@@ -129,7 +131,7 @@ def add_train(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--strength",
-        type=_strength,
+        type=number_or_auto,
         default="auto",
         help="how far users move from the population after training: auto (default) picks a "
         "prior scale on validation loss, each user keeping n_u/(n_u+k) of their deviation; a "
@@ -186,5 +188,5 @@ def add_train(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
-def _strength(text: str) -> float | str:
+def number_or_auto(text: str) -> float | str:
     return text if text == "auto" else float(text)

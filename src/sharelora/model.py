@@ -315,11 +315,13 @@ class PersonalizedRewardModel(nn.Module):
 
     def load_trainable(self, path: str | Path) -> None:
         """Load adapter and head tensors, checking names and shapes against this model."""
-        expected = self.trainable_state_dict()
-        tensors = _read_checked(Path(path), expected)
-        with torch.no_grad():
-            for name, target in expected.items():
-                target.copy_(tensors[name])
+        self.set_trainable(_read_checked(Path(path), self.trainable_state_dict()))
+
+    @torch.no_grad()
+    def set_trainable(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy ``tensors`` (``trainable_state_dict``'s names) into the model, in place."""
+        for name, target in self.trainable_state_dict().items():
+            target.copy_(tensors[name])
 
     # ------------------------------------------------------------------------------- export
     def user_index(self, user: object | None) -> int | None:

@@ -16,9 +16,8 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -33,17 +32,14 @@ from .checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import Comparison, PairDataset
 from .evaluate import predict_margins, summarize
-from .files import run_lock, write_json
+from .files import clear_run_state, run_lock, write_json
 from .optim import build_optimizer, build_scheduler, clip_grad_norm_
 from .pairs import PairRun, bt_loss, pair_correct
 from .prefix import PrefixCache
+from .prior import search_prior
 from .strength import apply_strength
 
 __all__ = ["TrainConfig", "Trainer", "TrainingError", "train"]
-
-# What a fresh run removes from its output directory: a previous run's state must never be
-# read back as this run's (its best checkpoint, its log, its metrics).
-RUN_STATE = ("checkpoints", "train_log.jsonl", "val_metrics.json", "metrics.json")
 
 
 class TrainingError(RuntimeError):
@@ -95,7 +91,7 @@ class Trainer:
         cfg: the ``TrainConfig``.
         output_dir: where checkpoints, the log and the final model go (``None``: nowhere).
         resume: continue from ``output_dir/checkpoints/last``; without it a fresh run first
-            removes the previous run's state (``RUN_STATE``) from ``output_dir``.
+            removes the previous run's state (``files.RUN_STATE``) from ``output_dir``.
         prefix_cache: a ``PrefixCache`` over the same backbone to reuse.
     """
 
@@ -187,12 +183,8 @@ class Trainer:
             return
         if self.acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
-            for name in RUN_STATE if not resume else ():
-                path = self.out / name
-                if path.is_dir():
-                    shutil.rmtree(path)
-                else:
-                    path.unlink(missing_ok=True)
+            if not resume:
+                clear_run_state(self.out)
         self.acc.wait_for_everyone()
 
     def _restore(self) -> None:
@@ -426,6 +418,15 @@ def train(
     ``checkpoints/last`` exactly: weights, optimizer, schedule, RNG and data position.
     """
     config = config or TrainConfig()
+    if config.prior == "auto":
+        if model.adapter_config.personalized:
+            if resume:
+                raise ValueError("--resume continues one run; with --prior auto start afresh")
+            with run_lock(output_dir):
+                return search_prior(
+                    train, model, train_data, val_data, config, output_dir, prefix_cache
+                )
+        config = replace(config, prior=0.0)  # no user deviations to hold back
     # The lock: two runs writing one directory would corrupt it.
     with run_lock(output_dir), deterministic_mode(config.deterministic):
         trainer = Trainer(model, train_data, val_data, config, output_dir, resume, prefix_cache)

@@ -1,0 +1,64 @@
+"""Choose the training prior's precision τ on validation (``TrainConfig.prior="auto"``).
+
+The prior ``(τ/2) Σ_u |Δ_u|²`` acts during training, so unlike the shrinkage strength (chosen
+after one run, ``sharelora.strength``) its scale costs a run per value tried::
+
+    start ─► train at τ = PRIOR_GRID[0] ─► validation loss ─┐
+      └────► train at τ = PRIOR_GRID[1] ─► validation loss ─┴─► keep the lowest
+
+Every try starts from the same tensors and the same seed, so a try equals a plain run at that
+τ; the criterion is the one ``strength="auto"`` uses, the calibrated validation loss of the
+model after its own strength was chosen. Each try keeps its model and log in
+``OUTPUT/prior-τ/``; the chosen model (``sharelora.json``, ``adapters.safetensors``, ...) and
+its ``val_metrics.json`` go to ``OUTPUT`` as a plain run's would.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+from accelerate import PartialState
+
+from .config import PRIOR_GRID, TrainConfig
+from .files import clear_run_state, write_json
+from .strength import snapshot
+
+
+def search_prior(train_once, model, train_data, val_data, cfg: TrainConfig, output_dir, cache):
+    """Train ``model`` once per τ in ``PRIOR_GRID`` with ``train_once`` (``train``'s
+    signature) and leave it at the try with the lowest calibrated validation loss; returns
+    ``train``'s dict, whose summary gains ``prior_search`` (τ: that loss)."""
+    if not val_data:
+        raise ValueError(
+            "prior='auto' chooses the prior on validation, and there are no validation pairs: "
+            "pass validation data (--val 0.1) or a number (--prior 1)"
+        )
+    start, population = snapshot(model), model.population
+    out = Path(output_dir) if output_dir is not None else None
+    if out is not None and out.is_dir() and PartialState().is_main_process:
+        clear_run_state(out)  # a plain run's log and checkpoints from before are not this run's
+    losses, best = {}, None
+    for tau in PRIOR_GRID:
+        model.set_trainable(start)
+        model.population = population
+        where = out / f"prior-{tau:g}" if out is not None else None
+        run = train_once(
+            model, train_data, val_data, replace(cfg, prior=tau), where, prefix_cache=cache
+        )
+        cache = run["prefix_cache"]
+        losses[tau] = run["val_metrics"]["calibrated_loss"]
+        if best is None or losses[tau] < losses[best[0]]:
+            best = tau, snapshot(model), model.population, run
+        if where is not None and PartialState().is_main_process:
+            # Optimizer state of every user row: a try is never resumed, so it is dead weight.
+            shutil.rmtree(where / "checkpoints", ignore_errors=True)
+    tau, tensors, model.population, run = best
+    model.set_trainable(tensors)
+    summary = {**run["summary"], "prior_search": {f"{t:g}": loss for t, loss in losses.items()}}
+    summary["config"] = {**summary["config"], "prior": "auto"}
+    if out is not None and PartialState().is_main_process:
+        model.save_pretrained(out, training=summary)
+        write_json(out / "val_metrics.json", run["val_metrics"])
+    return {"summary": summary, "val_metrics": run["val_metrics"], "prefix_cache": cache}
