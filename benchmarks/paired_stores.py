@@ -5,10 +5,12 @@ Each store is the JSON of ``real_jester.py``, ``real_llmfao.py`` or ``real_ukp.p
 accuracy under each setting and their difference, averaged over the seeds both ran (paired by
 seed), and, where the cells kept their validation losses (``shrinkage_val``), how many seeds'
 validation preferred the second setting: the lower best calibrated loss, as ``strength="auto"``
-would have judged it. That last column is the choice validation would have made, to set beside
-the test's difference.
+would have judged it. That column is the choice validation would have made, to set beside the
+test's difference; the last column is the test accuracy of that choice, seed by seed (what
+``prior="auto"`` gives when the two stores differ only in ``--prior``, both in its grid).
 
     python benchmarks/paired_stores.py BASE.json OTHER.json [--methods sharelora,independent]
+        [--json CHOSEN.json]
 """
 
 from __future__ import annotations
@@ -24,6 +26,21 @@ from pathlib import Path
 def best_val_loss(cell: dict) -> float | None:
     tried = cell.get("shrinkage_val") or {}
     return min((t["calibrated_loss"] for t in tried.values()), default=None)
+
+
+def choose(base_cell: dict, other_cell: dict) -> dict:
+    """The cell validation prefers: ``other_cell`` where its best calibrated loss is lower."""
+    a, b = best_val_loss(base_cell), best_val_loss(other_cell)
+    return other_cell if a is not None and b is not None and b < a else base_cell
+
+
+def chosen_store(base: dict, other: dict) -> dict:
+    """A store of validation's choice in every cell both hold (for ``paired_methods.py``)."""
+    return {
+        "settings": {"base": base.get("settings"), "other": other.get("settings")},
+        "cells": {k: choose(c, other["cells"][k]) for k, c in base["cells"].items()
+                  if k in other["cells"]},
+    }  # fmt: skip
 
 
 def _natural(text: str) -> list:
@@ -46,15 +63,20 @@ def paired(base: dict, other: dict, methods: list[str] | None) -> list[str]:
         if key in base["cells"] and (methods is None or cell["method"] in methods):
             groups[re.sub(r" seed=\d+", "", key)].append((base["cells"][key], cell))
     lines = [
-        "| cell | seeds | base | other | other − base (per seed) | validation prefers other |",
-        "|---|---:|---:|---:|---|---:|",
+        "| cell | seeds | base | other | other − base (per seed) | validation prefers other "
+        "| validation's choice |",
+        "|---|---:|---:|---:|---|---:|---:|",
     ]
     for group in sorted(groups, key=_natural):
         pairs = groups[group]
         losses = [(best_val_loss(p[0]), best_val_loss(p[1])) for p in pairs]
         judged = [(x, y) for x, y in losses if x is not None and y is not None]
         votes = f"{sum(y < x for x, y in judged)}/{len(judged)}" if judged else "—"
-        lines.append(f"| {group} | {len(pairs)} | {gap_columns(pairs)} | {votes} |")
+        chosen = "—"
+        if len(judged) == len(pairs):
+            picks = [choose(a, b) for a, b in pairs]
+            chosen = f"{statistics.mean(c['macro_accuracy'] for c in picks):.3f}"
+        lines.append(f"| {group} | {len(pairs)} | {gap_columns(pairs)} | {votes} | {chosen} |")
     return lines
 
 
@@ -63,10 +85,13 @@ def main() -> None:
     p.add_argument("base", type=Path)
     p.add_argument("other", type=Path)
     p.add_argument("--methods", help="comma-separated; default: every method both stores hold")
+    p.add_argument("--json", type=Path, help="write the store of validation's choices here")
     args = p.parse_args()
     base, other = (json.loads(path.read_text()) for path in (args.base, args.other))
     print(f"base: {args.base} {base.get('settings')}\nother: {args.other} {other.get('settings')}")
     print("\n".join(paired(base, other, args.methods and args.methods.split(","))))
+    if args.json:
+        args.json.write_text(json.dumps(chosen_store(base, other), indent=1))
 
 
 if __name__ == "__main__":
