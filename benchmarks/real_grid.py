@@ -29,7 +29,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # The setting of every cell: MiniLM, adapters in the top block (frozen blocks cached).
 ADAPTER = AdapterConfig(rank=8, alpha=16, targets=["query", "value"], top_layers=1)
 ROW_KEYS = ("protocol", "method", "n", "seed", "macro_accuracy", "micro_accuracy")
-METHODS = "shared,shared+from-shared,independent,sharelora,sharelora+unpooled,head,core,diag"
+METHODS = ",".join(
+    ["shared", "shared+from-shared", "independent", "sharelora", "sharelora-head"]
+    + ["sharelora+unpooled", "head", "core", "diag"]
+)
 QUICK_METHODS = "shared,shared+from-shared,sharelora,head"
 
 

@@ -10,12 +10,12 @@ from conftest import opposite_tastes
 
 from sharelora import AdapterConfig, PersonalizedRewardModel, population
 from sharelora.compare import compare
-from sharelora.config import SHRINKAGE
+from sharelora.config import METHODS, SHRINKAGE
 from sharelora.data import split_per_user
 from sharelora.strength import choose_scale, paired_se, user_weights
 from sharelora.train import TrainConfig, train
 
-PERSONAL = ["independent", "sharelora", "sharelora-b", "core", "diag", "head"]
+PERSONAL = [m for m in METHODS if m != "shared"]
 USERS = ["sunny", "rainy"]
 
 

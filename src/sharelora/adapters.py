@@ -19,6 +19,7 @@ per-user table (design §1):
     core          A            C_u        B
     diag          A            diag(d_u)  B
     head          A            -          B        plus a per-user score head (PersonalHead)
+    sharelora-head  A_u        -          B        plus a per-user score head
 
 Per-user factors live in one tensor per layer (``user_A: [N, r, in]``, ...), gathered by user id
 and applied with ``torch.bmm``: no module per user and no Python loop over users.
