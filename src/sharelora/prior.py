@@ -54,7 +54,7 @@ def search_prior(train_once, model, train_data, val_data, cfg: TrainConfig, outp
         if where is not None and PartialState().is_main_process:
             # Optimizer state of every user row: a try is never resumed, so it is dead weight.
             shutil.rmtree(where / "checkpoints", ignore_errors=True)
-    tau, tensors, model.population, run = best
+    _, tensors, model.population, run = best
     model.set_trainable(tensors)
     summary = {**run["summary"], "prior_search": {f"{t:g}": loss for t, loss in losses.items()}}
     summary["config"] = {**summary["config"], "prior": "auto"}
