@@ -14,7 +14,7 @@ from .flags import add_data, add_model, add_split, add_train
 # Embedded demo defaults: MiniLM with adapters in its top block, so that the frozen blocks
 # below are cached once per text and the whole comparison fits a laptop CPU (see README).
 DEMO = {
-    "methods": "shared,independent,sharelora",
+    "methods": "shared,independent,sharelora,sharelora-head",
     "top_layers": 1,
     "epochs": 3,
     "lr": 2e-3,
@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="YAML or TOML file holding any flags (flags win)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="compare shared, independent and sharelora on builtin data")
+    p = sub.add_parser("demo", help="compare shared, independent, sharelora and sharelora-head on builtin data")
     p.add_argument("--quick", action="store_true", help="a smaller run (under a minute on CPU)")
     p.add_argument("--output", default="sharelora-demo")
     p.add_argument("--no-progress", action="store_true")
