@@ -38,7 +38,10 @@ from sharelora.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "ukp-convarg1" / "pairs.jsonl.gz"
-METHODS = "shared,shared+from-shared,independent,sharelora,sharelora-b,core,diag,sharelora+warmup"
+METHODS = ",".join(
+    ["shared", "shared+from-shared", "independent", "sharelora", "sharelora-head"]
+    + ["sharelora-b", "core", "diag", "sharelora+warmup"]
+)
 
 
 def args_():
