@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="YAML or TOML file holding any flags (flags win)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="compare shared, independent, sharelora and sharelora-head on builtin data")
+    p = sub.add_parser("demo", help="compare the personalized methods with shared on builtin data")
     p.add_argument("--quick", action="store_true", help="a smaller run (under a minute on CPU)")
     p.add_argument("--output", default="sharelora-demo")
     p.add_argument("--no-progress", action="store_true")
