@@ -28,11 +28,15 @@ def cloudy(n, seed=0):
     ]
 
 
-@pytest.fixture(scope="module")
-def trained(tiny_text_backbone):
+# sharelora-head onboards two tables per user: the A_u rows and the score-head offset.
+@pytest.fixture(scope="module", params=["sharelora", "sharelora-head"])
+def trained(tiny_text_backbone, request):
     torch.manual_seed(0)
     model = PersonalizedRewardModel.from_backbone(
-        tiny_text_backbone, ["sunny", "rainy"], AdapterConfig(rank=4), max_length=32
+        tiny_text_backbone,
+        ["sunny", "rainy"],
+        AdapterConfig(method=request.param, rank=4),
+        max_length=32,
     )
     train(model, opposite_tastes(40), None, CFG)
     return model
