@@ -324,7 +324,7 @@ def test_compare_fewshot_curves_for_held_out_users(tiny_text_backbone, tmp_path,
                 "--backbone",
                 tiny_text_backbone,
                 "--methods",
-                "shared,sharelora",
+                "shared,sharelora,sharelora-head",
                 "--holdout-users",
                 "1",
                 "--shots",
@@ -340,6 +340,7 @@ def test_compare_fewshot_curves_for_held_out_users(tiny_text_backbone, tmp_path,
     assert curves["shots"] == [2, 4] and len(curves["users"]) == 1
     assert set(curves["macro_accuracy"]) == {
         "sharelora onboarding",
+        "sharelora-head onboarding",
         "shared",
         "independent (fresh)",
     }

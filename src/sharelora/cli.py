@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--shots",
         help="with --holdout-users: few-shot curves at these k, e.g. "
-        "5,10,25,50 (needs shared and sharelora among --methods)",
+        "5,10,25,50; onboards every personalized method among --methods (needs shared too)",
     )
     p.add_argument("--output", required=True)
 

@@ -258,9 +258,11 @@ def cmd_compare(args) -> None:
     adapter, cfg = _adapter_config(args), _train_config(args, freeze_shared=False)
     splits = _split(args, _read(args))
     shots = _int_list("--shots", args.shots)
-    if shots and (not args.holdout_users or not {"shared", "sharelora"} <= set(methods)):
+    onboarded = [m for m in methods if m.partition("+")[0] != "shared"]
+    if shots and (not args.holdout_users or "shared" not in methods or not onboarded):
         raise UsageError(
-            "--shots needs --holdout-users K and both shared and sharelora in --methods"
+            "--shots needs --holdout-users K, and shared and a personalized method (sharelora, "
+            "...) in --methods"
         )
     results, _ = compare(
         splits,
@@ -281,7 +283,7 @@ def cmd_compare(args) -> None:
         fewshot_curves(
             splits.holdout,
             shots,
-            {m: out / m for m in ("shared", "sharelora")},
+            {m: out / m for m in ("shared", *onboarded)},
             args.backbone,
             adapter,
             cfg,

@@ -1,7 +1,8 @@
-"""Unseen users: accuracy against the number k of their comparisons, for three approaches.
+"""Unseen users: accuracy against the number k of their comparisons, for each approach.
 
-* ``sharelora onboarding``: the trained sharelora model, with only the new users' rows fitted
-  on their k comparisons (``sharelora.onboard``);
+* ``METHOD onboarding``, for each personalized method the run trained (``sharelora``,
+  ``sharelora-head``, ...): that model, with only the new users' rows fitted on their k
+  comparisons (``sharelora.onboard``);
 * ``shared``: the trained shared model, zero-shot (it never sees the k comparisons);
 * ``independent (fresh)``: a new independent LoRA trained on the k comparisons alone.
 
@@ -25,7 +26,7 @@ from .model import PersonalizedRewardModel
 from .onboard import onboard
 from .train import TrainConfig, train
 
-APPROACHES = ("sharelora onboarding", "shared", "independent (fresh)")
+BASELINES = ("shared", "independent (fresh)")
 
 
 def split_shots(rows: list[Comparison], shots: list[int], seed: int, min_test: int = 10):
@@ -57,19 +58,26 @@ def fewshot_curves(
     output_dir: str | Path,
     log=print,
 ) -> dict:
-    """Accuracy of each approach at each k; writes ``fewshot.json/.md/.png``."""
+    """Accuracy of each approach at each k; writes ``fewshot.json/.md/.png``.
+
+    ``model_dirs`` maps ``shared`` and every personalized method to onboard to its trained
+    model's directory."""
     out = Path(output_dir)
+    personal = [m for m in model_dirs if m != "shared"]
+    approaches = [f"{m} onboarding" for m in personal] + list(BASELINES)
     per_user = split_shots(holdout, shots, config.seed)
     test = [c for _, rows in per_user.values() for c in rows]
     shared = PersonalizedRewardModel.from_pretrained(model_dirs["shared"])
     zero_shot = evaluate(shared, test, seed=config.seed)["macro_accuracy"]
-    results = {name: {} for name in APPROACHES}
+    results = {name: {} for name in approaches}
     for k in shots:
         train_rows = [c for rows, _ in per_user.values() for c in rows[:k]]
         cfg = replace(config, progress=False)
-        model = PersonalizedRewardModel.from_pretrained(model_dirs["sharelora"])
-        onboard(model, train_rows, None, cfg)
-        results["sharelora onboarding"][k] = evaluate(model, test, seed=cfg.seed)["macro_accuracy"]
+        for method in personal:
+            model = PersonalizedRewardModel.from_pretrained(model_dirs[method])
+            onboard(model, train_rows, None, cfg)
+            accuracy = evaluate(model, test, seed=cfg.seed)["macro_accuracy"]
+            results[f"{method} onboarding"][k] = accuracy
         results["shared"][k] = zero_shot
         torch.manual_seed(cfg.seed)
         fresh = PersonalizedRewardModel.from_backbone(
@@ -80,7 +88,7 @@ def fewshot_curves(
         )
         train(fresh, train_rows, None, cfg)
         results["independent (fresh)"][k] = evaluate(fresh, test, seed=cfg.seed)["macro_accuracy"]
-        log(f"k={k}: " + ", ".join(f"{a} {results[a][k]:.3f}" for a in APPROACHES))
+        log(f"k={k}: " + ", ".join(f"{a} {results[a][k]:.3f}" for a in approaches))
     lines = [
         "| approach | " + " | ".join(f"k={k}" for k in shots) + " |",
         "|---|" + "---:|" * len(shots),
