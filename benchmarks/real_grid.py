@@ -53,14 +53,7 @@ def parser(doc: str, data: Path, name: str, n: str) -> argparse.ArgumentParser:
         help="every method's rank (alpha = 2 * rank, so alpha/r stays 2); other than 8, pass a "
         "--json of its own (e.g. NAME_rank16.json)",
     )
-    p.add_argument(
-        "--prior",
-        type=number_or_auto,
-        default=TrainConfig().prior,
-        help="the training prior's precision on user deviations (TrainConfig.prior; auto: "
-        "chosen on validation); other than the default, pass a --json of its own (e.g. "
-        "NAME_prior0.json)",
-    )
+    add_prior(p)
     p.add_argument(
         "--prior-on",
         choices=PRIOR_ON,
@@ -81,6 +74,18 @@ def add_strength_rule(p: argparse.ArgumentParser) -> None:
         choices=STRENGTH_RULES,
         default=TrainConfig().strength_rule,
         help="with one-se, pass a --json of its own (e.g. benchmarks/results/NAME_one_se.json)",
+    )
+
+
+def add_prior(p: argparse.ArgumentParser) -> None:
+    """``--prior``: the training prior's precision, or auto; its cells get their own store."""
+    p.add_argument(
+        "--prior",
+        type=number_or_auto,
+        default=TrainConfig().prior,
+        help="the training prior's precision on user deviations (TrainConfig.prior; auto: "
+        "chosen on validation); other than the default, pass a --json of its own (e.g. "
+        "NAME_prior0.json)",
     )
 
 

@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from real_grid import ADAPTER, add_strength_rule, add_user_lr_scale, settings_of
+from real_grid import ADAPTER, add_prior, add_strength_rule, add_user_lr_scale, settings_of
 from ukp_report import report
 
 from sharelora import DEFAULT_BACKBONE
@@ -56,6 +56,7 @@ def args_():
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=2e-3)
     add_user_lr_scale(p)
+    add_prior(p)
     p.add_argument("--max-length", type=int, default=256)
     add_strength_rule(p)
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "real_ukp.json"))
@@ -81,7 +82,7 @@ def run(args) -> dict:
         "select_best": False,
         "strength": "auto",
         # Cells before the prior and the ranking-loss shrinkage (real_ukp.json) lack these.
-        "prior": TrainConfig().prior,
+        "prior": args.prior,
         "shrinkage_by": "calibrated_loss",
         "strength_rule": args.strength_rule,
         "user_lr_scale": args.user_lr_scale,
@@ -124,6 +125,7 @@ def run(args) -> dict:
                     progress=False,
                     strength_rule=args.strength_rule,
                     user_lr_scale=args.user_lr_scale,
+                    prior=args.prior,
                 )
                 started = time.time()
                 with tempfile.TemporaryDirectory() as tmp:
