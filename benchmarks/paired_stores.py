@@ -69,13 +69,11 @@ def paired(base: dict, other: dict, methods: list[str] | None) -> list[str]:
     ]
     for group in sorted(groups, key=_natural):
         pairs = groups[group]
-        losses = [(best_val_loss(p[0]), best_val_loss(p[1])) for p in pairs]
-        judged = [(x, y) for x, y in losses if x is not None and y is not None]
-        votes = f"{sum(y < x for x, y in judged)}/{len(judged)}" if judged else "—"
+        judged = [(a, b) for a, b in pairs if None not in (best_val_loss(a), best_val_loss(b))]
+        votes = f"{sum(choose(a, b) is b for a, b in judged)}/{len(judged)}" if judged else "—"
         chosen = "—"
         if len(judged) == len(pairs):
-            picks = [choose(a, b) for a, b in pairs]
-            chosen = f"{statistics.mean(c['macro_accuracy'] for c in picks):.3f}"
+            chosen = f"{statistics.mean(choose(a, b)['macro_accuracy'] for a, b in pairs):.3f}"
         lines.append(f"| {group} | {len(pairs)} | {gap_columns(pairs)} | {votes} | {chosen} |")
     return lines
 
