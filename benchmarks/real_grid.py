@@ -21,7 +21,7 @@ from ukp_report import _grid_table, _mean_sd
 
 from sharelora import DEFAULT_BACKBONE, AdapterConfig
 from sharelora.compare import compare
-from sharelora.config import PRIOR_ON, STRENGTH_RULES
+from sharelora.config import FACTORINGS, PRIOR_ON, STRENGTH_RULES
 from sharelora.flags import number_or_auto
 from sharelora.train import TrainConfig
 
@@ -54,6 +54,7 @@ def parser(doc: str, data: Path, name: str, n: str) -> argparse.ArgumentParser:
         "--json of its own (e.g. NAME_rank16.json)",
     )
     add_prior(p)
+    add_init_factoring(p)
     p.add_argument(
         "--prior-on",
         choices=PRIOR_ON,
@@ -89,6 +90,17 @@ def add_prior(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_init_factoring(p: argparse.ArgumentParser) -> None:
+    """``--init-factoring``: how a start from the shared model factors ``B A``; own store."""
+    p.add_argument(
+        "--init-factoring",
+        choices=FACTORINGS,
+        default=TrainConfig().init_factoring,
+        help="TrainConfig.init_factoring; other than the default, pass a --json of its own "
+        "(e.g. NAME_orthonormal.json)",
+    )
+
+
 def add_user_lr_scale(p: argparse.ArgumentParser) -> None:
     """``--user-lr-scale``: the per-user tables' lr over ``--lr``; its cells get their own store."""
     p.add_argument(
@@ -100,9 +112,10 @@ def add_user_lr_scale(p: argparse.ArgumentParser) -> None:
 
 
 # What stores written before a setting was recorded ran with: --user-lr-scale at 1 (the
-# default then) and ADAPTER's rank; this module's stores also ran at TrainConfig's prior, on
-# the factors (the UKP stores record their prior, and some of them ran without one).
-LEGACY = {"user_lr_scale": 1.0, "rank": ADAPTER.rank}
+# default then), ADAPTER's rank and the shared model's own factors (as-trained); this module's
+# stores also ran at TrainConfig's prior, on the factors (the UKP stores record their prior,
+# and some of them ran without one).
+LEGACY = {"user_lr_scale": 1.0, "rank": ADAPTER.rank, "init_factoring": "as-trained"}
 GRID_LEGACY = {**LEGACY, "prior": TrainConfig().prior, "prior_on": "factors"}
 
 
@@ -128,7 +141,8 @@ def open_store(path: Path, args) -> dict:
                 "top_layers": ADAPTER.top_layers, "from_shared": True,
                 "strength_rule": args.strength_rule,
                 "user_lr_scale": args.user_lr_scale, "rank": args.rank,
-                "prior": args.prior, "prior_on": args.prior_on}  # fmt: skip
+                "prior": args.prior, "prior_on": args.prior_on,
+                "init_factoring": args.init_factoring}  # fmt: skip
     store = json.loads(path.read_text()) if path.exists() else {"cells": {}, "settings": settings}
     if settings_of(store, GRID_LEGACY) != settings:
         raise SystemExit(
@@ -149,7 +163,7 @@ def run_cell(store: dict, path: Path, protocol: str, k, n, seed: int, methods, s
         epochs=args.epochs, lr=args.lr, max_length=args.max_length, seed=seed,
         group_by_length=True, select_best=False, progress=False,
         strength_rule=args.strength_rule, user_lr_scale=args.user_lr_scale, prior=args.prior,
-        prior_on=args.prior_on,
+        prior_on=args.prior_on, init_factoring=args.init_factoring,
     )  # fmt: skip
     started, tag = time.time(), f"{protocol} K={k} n={n} seed={seed}"
     with tempfile.TemporaryDirectory() as tmp:

@@ -26,7 +26,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from real_grid import ADAPTER, add_prior, add_strength_rule, add_user_lr_scale, settings_of
+from real_grid import (
+    ADAPTER,
+    add_init_factoring,
+    add_prior,
+    add_strength_rule,
+    add_user_lr_scale,
+    settings_of,
+)
 from ukp_report import report
 
 from sharelora import DEFAULT_BACKBONE
@@ -57,6 +64,7 @@ def args_():
     p.add_argument("--lr", type=float, default=2e-3)
     add_user_lr_scale(p)
     add_prior(p)
+    add_init_factoring(p)
     p.add_argument("--max-length", type=int, default=256)
     add_strength_rule(p)
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "real_ukp.json"))
@@ -87,6 +95,7 @@ def run(args) -> dict:
         "strength_rule": args.strength_rule,
         "user_lr_scale": args.user_lr_scale,
         "rank": adapter.rank,
+        "init_factoring": args.init_factoring,
     }
     store = json.loads(path.read_text()) if path.exists() else {"cells": {}, "settings": settings}
     if settings_of(store) != settings:
@@ -126,6 +135,7 @@ def run(args) -> dict:
                     strength_rule=args.strength_rule,
                     user_lr_scale=args.user_lr_scale,
                     prior=args.prior,
+                    init_factoring=args.init_factoring,
                 )
                 started = time.time()
                 with tempfile.TemporaryDirectory() as tmp:

@@ -10,7 +10,7 @@ from conftest import opposite_tastes
 
 from sharelora import AdapterConfig, PersonalizedRewardModel, population
 from sharelora.compare import compare
-from sharelora.config import METHODS, SHRINKAGE
+from sharelora.config import FACTORINGS, METHODS, SHRINKAGE
 from sharelora.data import split_per_user
 from sharelora.strength import choose_scale, paired_se, user_weights
 from sharelora.train import TrainConfig, train
@@ -51,16 +51,60 @@ def _rewards(model, user_ids):
         return model(batch["input_ids"], batch["attention_mask"], user_ids=user_ids)
 
 
+@pytest.mark.parametrize("factoring", FACTORINGS)
 @pytest.mark.parametrize("method", PERSONAL)
-def test_start_from_scores_every_user_like_the_shared_model(tiny_text_backbone, shared_dir, method):
+def test_start_from_scores_every_user_like_the_shared_model(
+    tiny_text_backbone, shared_dir, method, factoring
+):
     shared = PersonalizedRewardModel.from_pretrained(shared_dir)
     assert any(p.abs().sum() > 0 for n, p in shared.trainable_state_dict().items() if "B" in n)
     model = _model(tiny_text_backbone, method, user_init="independent")
-    population.assign(model, population.from_shared(model, shared))
+    population.assign(model, population.from_shared(model, shared, factoring))
     expected = _rewards(shared, torch.tensor([0, 0]))
     for user in (0, 1):
         got = _rewards(model, torch.tensor([user, user]))
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("out_f,in_f,r", [(12, 20, 4), (8, 40, 8), (64, 16, 2)])
+def test_orthonormal_b_keeps_the_product_and_prices_every_direction_alike(out_f, in_f, r):
+    gen = torch.Generator().manual_seed(0)
+    # As training leaves them: one large direction, the rest near zero.
+    b = torch.randn(out_f, r, generator=gen) * torch.logspace(0, -2, r)
+    a = torch.randn(r, in_f, generator=gen)
+    a2, b2 = population.orthonormal_b(a, b)
+    assert a2.shape == a.shape and b2.shape == b.shape and a2.dtype == a.dtype
+    torch.testing.assert_close(b2 @ a2, b @ a, rtol=0, atol=1e-5)
+    torch.testing.assert_close(b2.T @ b2, torch.eye(r), rtol=0, atol=1e-5)
+    delta = torch.randn(r, in_f, generator=gen)  # a user's ΔA: its weight change is B ΔA
+    torch.testing.assert_close((b2 @ delta).norm(), delta.norm(), rtol=1e-5, atol=0)
+    zero_a, zero_b = population.orthonormal_b(a, torch.zeros(out_f, r))  # an untrained B
+    assert torch.isfinite(zero_a).all() and (zero_b @ zero_a).abs().max() == 0
+    wide_a, narrow_b = torch.randn(5, in_f, generator=gen), torch.randn(2, 5, generator=gen)
+    kept = population.orthonormal_b(wide_a, narrow_b)  # rank 5 > out 2: no 5 such columns
+    assert kept[0] is wide_a and kept[1] is narrow_b
+
+
+@pytest.mark.parametrize("method", PERSONAL)
+def test_start_factoring_changes_only_the_factors_users_own_a_through(
+    tiny_text_backbone, shared_dir, method
+):
+    shared = PersonalizedRewardModel.from_pretrained(shared_dir)
+    model = _model(tiny_text_backbone, method)
+    trained = population.from_shared(model, shared)  # the default
+    orth = population.from_shared(model, shared, "orthonormal")
+    source = shared.trainable_state_dict()
+    for name, t in trained.items():  # as-trained: the shared model's factors, bit for bit
+        shared_name = name.replace(".user_", ".lora_")
+        if shared_name in source and "_W" not in name:
+            torch.testing.assert_close(t.reshape(source[shared_name].shape), source[shared_name],
+                                       rtol=0, atol=0)  # fmt: skip
+    moved = {name for name in orth if not torch.equal(orth[name], trained[name])}
+    owns_a = model.adapter_config.method in ("independent", "sharelora", "sharelora-head")
+    assert bool(moved) == owns_a
+    assert all(name.endswith(("_A", "_B")) for name in moved)
+    with pytest.raises(ValueError, match="factoring must be one of .*orthonormal.*as-trained"):
+        population.from_shared(model, shared, "balanced")
 
 
 def test_start_from_needs_a_matching_shared_model(tiny_text_backbone, shared_dir):
@@ -229,14 +273,16 @@ def test_compare_freeze_shared_keeps_the_shared_tensors_of_its_shared_model(
     methods = ["shared", "diag", "sharelora+frozen"]
     compare(splits, methods, AdapterConfig(rank=4), _cfg(), str(tiny_text_backbone), tmp_path,
             log=lambda m: None, from_shared=True, freeze_shared=True)  # fmt: skip
-    shared = PersonalizedRewardModel.from_pretrained(tmp_path / "shared").trainable_state_dict()
+    shared_model = PersonalizedRewardModel.from_pretrained(tmp_path / "shared")
+    shared = shared_model.trainable_state_dict()
     for method in methods[1:]:
         model = PersonalizedRewardModel.from_pretrained(tmp_path / method)
         tables, state = population._user_tables(model), model.trainable_state_dict()
         kept = [name for name in state if name not in tables]
         assert kept and any(name in tables for name in state)
+        start = population.from_shared(model, shared_model)
         for name in kept:
-            torch.testing.assert_close(state[name], shared[name], rtol=0, atol=0)
+            torch.testing.assert_close(state[name], start[name], rtol=0, atol=0)
     control = PersonalizedRewardModel.from_pretrained(tmp_path / "shared+from-shared")
     assert any(  # the compute control is never frozen
         not torch.equal(v, shared[k]) for k, v in control.trainable_state_dict().items()

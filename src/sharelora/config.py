@@ -30,6 +30,8 @@ SHRINKAGE = (0.0, 1 / 3, 1.0, 3.0, float("inf"))
 STRENGTH_RULES = ("lowest", "one-se")
 # What the training prior measures a user's deviation on (``population.deviation_penalty``).
 PRIOR_ON = ("factors", "weights")
+# How a start from a shared model factors its LoRA update (``population.from_shared``).
+FACTORINGS = ("orthonormal", "as-trained")
 # The precisions ``prior="auto"`` trains at and chooses from on validation (``sharelora.prior``):
 # the default and a quarter of it (on Jester's seen jokes validation preferred ¼ to 1 and 1 to 4).
 PRIOR_GRID = (1.0, 0.25)
@@ -177,6 +179,11 @@ class TrainConfig:
             factor a method keeps per user (shared factors held fixed in it).
         init_from: directory of a trained ``shared`` model to start every user from
             (``PersonalizedRewardModel.start_from``); that model is then the population model.
+        init_factoring: how the shared model's LoRA update ``B A`` is factored for the users
+            who own ``A``: ``"as-trained"`` (the shared model's factors) or ``"orthonormal"``
+            (``B`` with orthonormal columns, so each user's ``ΔA_u`` reaches every direction
+            of ``B``'s span at one cost; ``population.orthonormal_b``). Orthonormal gains on
+            texts seen in training and costs on new ones (docs/personalization.md).
         strength: how far users move from the population after training
             (``sharelora.strength``): ``"auto"`` chooses a prior scale from ``SHRINKAGE`` by
             validation loss, each user keeping ``n_u / (n_u + κ)`` of their deviation (no
@@ -210,6 +217,7 @@ class TrainConfig:
     prior: float | str = 1.0
     prior_on: str = "factors"
     init_from: str | None = None
+    init_factoring: str = "as-trained"
     freeze_shared: bool = False
     strength: float | str = "auto"
     strength_rule: str = "lowest"
@@ -260,6 +268,10 @@ class TrainConfig:
             raise ValueError(
                 "freeze_shared keeps the shared tensors of the model given by init_from; pass "
                 "init_from (--init-from DIR, or compare --from-shared)"
+            )
+        if self.init_factoring not in FACTORINGS:
+            raise ValueError(
+                f"init_factoring must be one of {FACTORINGS}, got {self.init_factoring!r}"
             )
         if self.prior_on not in PRIOR_ON:
             raise ValueError(f"prior_on must be one of {PRIOR_ON}, got {self.prior_on!r}")

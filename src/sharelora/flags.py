@@ -10,6 +10,7 @@ import argparse
 
 from .config import (
     DEFAULT_BACKBONE,
+    FACTORINGS,
     METHODS,
     PRIOR_GRID,
     PRIOR_ON,
@@ -143,6 +144,15 @@ def add_train(p: argparse.ArgumentParser) -> None:
         default=defaults.strength_rule,
         help="how --strength auto picks: the lowest validation loss (default), or one-se: the "
         "strongest shrinkage within one standard error of it (keeps the population more often)",
+    )
+    g.add_argument(
+        "--init-factoring",
+        choices=FACTORINGS,
+        default=defaults.init_factoring,
+        help="with --init-from / --from-shared: as-trained (default) keeps the shared model's "
+        "LoRA factors; orthonormal re-factors B A so that B's columns are orthonormal where "
+        "users own A (each user's change reaches every direction of B at one cost: a gain on "
+        "texts seen in training, a cost on new ones)",
     )
     g.add_argument(
         "--freeze-shared",

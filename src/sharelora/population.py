@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from .config import FACTORINGS
+
 
 def _user_tables(model) -> dict[str, torch.Tensor]:
     return {
@@ -51,10 +53,49 @@ def from_row(model, row: int = 0) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def from_shared(model, shared) -> dict[str, torch.Tensor]:
-    """The population of ``model`` that scores every user exactly as the trained ``shared``
-    model does: each per-user factor gets the shared factor, a core ``C_u`` the identity and a
-    ``d_u`` ones; the head is the shared model's."""
+def orthonormal_b(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Re-factor ``B A`` as ``B' A'`` with ``B'`` of orthonormal columns and ``A' = S Vᵀ``.
+
+    A trained LoRA's factoring is an accident of its start (``B`` from zero, ``A`` Kaiming):
+    a shared MiniLM model trained on Jester ends with ``B``'s singular values at 1.6, 0.03,
+    0.01, ... and ``A``'s at 3.2, 0.6, 0.6, .... A user who owns ``A_u`` changes the weight by
+    ``s B ΔA_u``: in that factoring most directions of ``B``'s column space are out of reach
+    at Adam's step size, and the prior ``|ΔA_u|²`` prices one unit of weight change
+    differently in each. With orthonormal ``B'``, ``|B' ΔA_u| = |ΔA_u|``: every direction is
+    as reachable, and the factor prior is the prior on the user's weight change (over ``s²``).
+    ``B' A' = B A`` to float rounding; ``A'``'s rows are the singular directions of ``B A``
+    scaled by its singular values.
+
+    Via thin QR of both factors and the SVD of an ``[r, r]`` core, so an 8B model's
+    ``[4096, r]`` factors cost ``O((out + in) r²)``, not an ``[out, in]`` SVD.
+
+    Args:
+        a: ``[r, in]``; b: ``[out, r]``. Returns ``(A' [r, in], B' [out, r])`` in their dtypes,
+        or ``(a, b)`` unchanged where ``r`` exceeds ``out`` or ``in`` (no ``r`` orthonormal
+        columns exist).
+    """
+    if a.shape[0] > min(a.shape[1], b.shape[0]):
+        return a, b
+    # On the CPU in float32: a few [*, r] products, and no float64 or QR needed on MPS.
+    qb, rb = torch.linalg.qr(b.float().cpu())  # [out, r], [r, r]
+    qa, ra = torch.linalg.qr(a.float().cpu().T)  # [in, r], [r, r]
+    u, s, vh = torch.linalg.svd(rb @ ra.T)  # B A = qb (u s vh) qaᵀ
+    return (s[:, None] * (vh @ qa.T)).to(a), (qb @ u).to(b)
+
+
+@torch.no_grad()
+def from_shared(model, shared, factoring: str = "as-trained") -> dict[str, torch.Tensor]:
+    """The population of ``model`` that scores every user as the trained ``shared`` model
+    does: each per-user factor gets the shared factor, a core ``C_u`` the identity and a
+    ``d_u`` ones; the head is the shared model's.
+
+    ``factoring="as-trained"`` keeps the shared model's factors bit for bit;
+    ``"orthonormal"`` re-factors each adapted layer's ``B A`` by ``orthonormal_b`` where users
+    own ``A`` (``sharelora``, ``sharelora-head``, ``independent``): the same function, to float
+    rounding, with ``B``'s columns orthonormal.
+    """
+    if factoring not in FACTORINGS:
+        raise ValueError(f"factoring must be one of {FACTORINGS}, got {factoring!r}")
     if shared.adapter_config.method != "shared":
         raise ValueError(
             f"the population comes from a model trained with method 'shared', got "
@@ -75,6 +116,10 @@ def from_shared(model, shared) -> dict[str, torch.Tensor]:
                     "backbone, rank, targets and top_layers are needed)"
                 )
             out[target] = src.reshape(out[target].shape).clone()
+        if factoring == "orthonormal" and layer.user_a:
+            ka, kb = f"{name}.user_A", f"{name}.user_B" if layer.user_b else f"{name}.lora_B"
+            a, b = orthonormal_b(out[ka][0], out[kb].reshape(out[kb].shape[-2:]))
+            out[ka], out[kb] = a.reshape(out[ka].shape), b.reshape(out[kb].shape)
         if layer.core == "core":
             out[f"{name}.user_C"] = torch.eye(layer.rank).unsqueeze(0).to(out[f"{name}.user_C"])
         elif layer.core == "diag":

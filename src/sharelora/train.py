@@ -132,7 +132,7 @@ class Trainer:
             from .model import PersonalizedRewardModel
 
             shared = PersonalizedRewardModel.from_pretrained(cfg.init_from)
-            model.population = population.from_shared(model, shared)
+            model.population = population.from_shared(model, shared, cfg.init_factoring)
             population.assign(model, model.population)
             if cfg.freeze_shared:
                 for p in model.shared_parameters():
