@@ -227,6 +227,8 @@ def test_strength_validation(strength):
         TrainConfig(strength=strength)
     with pytest.raises(ValueError, match="strength_rule must be one of .*lowest.*one-se"):
         TrainConfig(strength_rule="median")
+    with pytest.raises(ValueError, match="init_factoring must be one of .*as-trained"):
+        TrainConfig(init_factoring="balanced")
 
 
 def test_compare_from_shared_at_strength_zero_equals_shared(tiny_text_backbone, tmp_path):
