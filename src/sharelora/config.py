@@ -31,7 +31,7 @@ STRENGTH_RULES = ("lowest", "one-se")
 # What the training prior measures a user's deviation on (``population.deviation_penalty``).
 PRIOR_ON = ("factors", "weights")
 # How a start from a shared model factors its LoRA update (``population.from_shared``).
-FACTORINGS = ("orthonormal", "as-trained")
+FACTORINGS = ("as-trained", "orthonormal")
 # The precisions ``prior="auto"`` trains at and chooses from on validation (``sharelora.prior``):
 # the default and a quarter of it (on Jester's seen jokes validation preferred ¼ to 1 and 1 to 4).
 PRIOR_GRID = (1.0, 0.25)
