@@ -11,6 +11,7 @@ import json
 import os
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,6 +21,17 @@ from .files import save_safetensors, write_text
 
 STATE_FILE = "trainer_state.json"
 TENSORS_FILE = "optimizer.safetensors"
+
+
+@dataclass
+class Progress:
+    """Where a run is; saved in every checkpoint so that ``--resume`` continues exactly."""
+
+    epoch: int = 0  # epochs finished
+    step: int = 0  # batches done in the current epoch
+    global_step: int = 0  # optimizer steps
+    best: float | None = None  # best validation macro accuracy of the current stage
+    seconds: float = 0.0
 
 
 def _split_optimizer_state(state: dict) -> tuple[dict, dict]:

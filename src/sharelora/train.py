@@ -12,12 +12,10 @@ personalization strength and writes the model.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -28,9 +26,10 @@ from tqdm.auto import tqdm
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from . import population
-from .checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from .checkpoint import Progress, load_checkpoint, resolve_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import Comparison, PairDataset
+from .determinism import deterministic_mode
 from .evaluate import predict_margins, summarize
 from .files import clear_run_state, run_lock, write_json
 from .optim import build_optimizer, build_scheduler, clip_grad_norm_
@@ -44,35 +43,6 @@ __all__ = ["TrainConfig", "Trainer", "TrainingError", "train"]
 
 class TrainingError(RuntimeError):
     """Training cannot go on (a non-finite loss, missing checkpoint to resume, ...)."""
-
-
-@dataclass
-class Progress:
-    """Where a run is; saved in every checkpoint so that ``--resume`` continues exactly."""
-
-    epoch: int = 0  # epochs finished
-    step: int = 0  # batches done in the current epoch
-    global_step: int = 0  # optimizer steps
-    best: float | None = None  # best validation macro accuracy of the current stage
-    seconds: float = 0.0
-
-
-@contextlib.contextmanager
-def deterministic_mode(on: bool):
-    """Deterministic kernels for the block when ``on`` (``TrainConfig.deterministic``); the
-    previous setting comes back after it. CUDA's cuBLAS needs its workspace setting too."""
-    if not on:
-        yield
-        return
-    before = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True)
-    torch.backends.cudnn.benchmark = False
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before[0])
-        torch.backends.cudnn.benchmark = before[1]
 
 
 def _order(ds: PairDataset, cfg: TrainConfig, epoch: int) -> list[int]:
