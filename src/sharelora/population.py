@@ -107,6 +107,7 @@ def from_shared(model, shared, factoring: str = "as-trained") -> dict[str, torch
         if layer.is_head:
             out[f"{name}.user_W"].zero_()  # the shared head alone: no offset
             continue
+        targets = {}  # "A", "B" -> this model's tensor of that factor (per-user or shared)
         for key in ("A", "B"):
             target = f"{name}.user_{key}" if hasattr(layer, f"user_{key}") else f"{name}.lora_{key}"
             src = source.get(f"{name}.lora_{key}")
@@ -116,10 +117,11 @@ def from_shared(model, shared, factoring: str = "as-trained") -> dict[str, torch
                     "backbone, rank, targets and top_layers are needed)"
                 )
             out[target] = src.reshape(out[target].shape).clone()
+            targets[key] = target
         if factoring == "orthonormal" and layer.user_a:
-            ka, kb = f"{name}.user_A", f"{name}.user_B" if layer.user_b else f"{name}.lora_B"
-            a, b = orthonormal_b(out[ka][0], out[kb].reshape(out[kb].shape[-2:]))
-            out[ka], out[kb] = a.reshape(out[ka].shape), b.reshape(out[kb].shape)
+            a, b = (out[targets[key]] for key in ("A", "B"))  # [1?, r, in], [1?, out, r]
+            a2, b2 = orthonormal_b(a.reshape(a.shape[-2:]), b.reshape(b.shape[-2:]))
+            out[targets["A"]], out[targets["B"]] = a2.reshape(a.shape), b2.reshape(b.shape)
         if layer.core == "core":
             out[f"{name}.user_C"] = torch.eye(layer.rank).unsqueeze(0).to(out[f"{name}.user_C"])
         elif layer.core == "diag":
