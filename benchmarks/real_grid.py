@@ -45,7 +45,6 @@ def parser(doc: str, data: Path, name: str, n: str) -> argparse.ArgumentParser:
     p.add_argument("--methods", default=METHODS)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=2e-3)
-    add_user_lr_scale(p)
     p.add_argument(
         "--rank",
         type=int,
@@ -53,62 +52,43 @@ def parser(doc: str, data: Path, name: str, n: str) -> argparse.ArgumentParser:
         help="every method's rank (alpha = 2 * rank, so alpha/r stays 2); other than 8, pass a "
         "--json of its own (e.g. NAME_rank16.json)",
     )
-    add_prior(p)
-    add_init_factoring(p)
-    p.add_argument(
-        "--prior-on",
-        choices=PRIOR_ON,
-        default=TrainConfig().prior_on,
-        help="what the training prior measures (TrainConfig.prior_on); other than the default, "
-        "pass a --json of its own (e.g. NAME_prior_weights.json)",
-    )
     p.add_argument("--max-length", type=int, default=256)
-    add_strength_rule(p)
+    add_settings(p, *SETTINGS)
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / f"{name}.json"))
     return p
 
 
-def add_strength_rule(p: argparse.ArgumentParser) -> None:
-    """``--strength-rule``: how strength="auto" chooses; its cells go to their own store."""
-    p.add_argument(
-        "--strength-rule",
-        choices=STRENGTH_RULES,
-        default=TrainConfig().strength_rule,
-        help="with one-se, pass a --json of its own (e.g. benchmarks/results/NAME_one_se.json)",
-    )
+# TrainConfig fields the grids take as flags: (argparse type or choices, what it is, a store
+# name for its non-default cells). Each defaults to TrainConfig's value; a cell run at another
+# value measures something else, so a store refuses to mix such cells with the default's.
+SETTINGS = {
+    "user_lr_scale": ({"type": float}, "the per-user tables' lr over --lr", "NAME_user_lr1"),
+    "prior": (
+        {"type": number_or_auto},
+        "the training prior's precision on user deviations (auto: chosen on validation)",
+        "NAME_prior0",
+    ),
+    "init_factoring": (
+        {"choices": FACTORINGS},
+        "how a start from shared factors B A",
+        "NAME_orthonormal",
+    ),
+    "prior_on": ({"choices": PRIOR_ON}, "what the training prior measures", "NAME_prior_weights"),
+    "strength_rule": ({"choices": STRENGTH_RULES}, "how strength auto chooses", "NAME_one_se"),
+}
 
 
-def add_prior(p: argparse.ArgumentParser) -> None:
-    """``--prior``: the training prior's precision, or auto; its cells get their own store."""
-    p.add_argument(
-        "--prior",
-        type=number_or_auto,
-        default=TrainConfig().prior,
-        help="the training prior's precision on user deviations (TrainConfig.prior; auto: "
-        "chosen on validation); other than the default, pass a --json of its own (e.g. "
-        "NAME_prior0.json)",
-    )
-
-
-def add_init_factoring(p: argparse.ArgumentParser) -> None:
-    """``--init-factoring``: how a start from the shared model factors ``B A``; own store."""
-    p.add_argument(
-        "--init-factoring",
-        choices=FACTORINGS,
-        default=TrainConfig().init_factoring,
-        help="TrainConfig.init_factoring; other than the default, pass a --json of its own "
-        "(e.g. NAME_orthonormal.json)",
-    )
-
-
-def add_user_lr_scale(p: argparse.ArgumentParser) -> None:
-    """``--user-lr-scale``: the per-user tables' lr over ``--lr``; its cells get their own store."""
-    p.add_argument(
-        "--user-lr-scale",
-        type=float,
-        default=TrainConfig().user_lr_scale,
-        help="other than the default, pass a --json of its own (e.g. NAME_user_lr1.json)",
-    )
+def add_settings(p: argparse.ArgumentParser, *names: str) -> None:
+    """A flag for each named TrainConfig field of ``SETTINGS``."""
+    for name in names:
+        kind, what, store = SETTINGS[name]
+        p.add_argument(
+            "--" + name.replace("_", "-"),
+            default=getattr(TrainConfig(), name),
+            help=f"{what} (TrainConfig.{name}); other than the default, pass a --json of its "
+            f"own (e.g. {store}.json)",
+            **kind,
+        )
 
 
 # What stores written before a setting was recorded ran with: --user-lr-scale at 1 (the

@@ -26,14 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from real_grid import (
-    ADAPTER,
-    add_init_factoring,
-    add_prior,
-    add_strength_rule,
-    add_user_lr_scale,
-    settings_of,
-)
+from real_grid import ADAPTER, add_settings, settings_of
 from ukp_report import report
 
 from sharelora import DEFAULT_BACKBONE
@@ -62,11 +55,9 @@ def args_():
     p.add_argument("--top-layers", type=int, default=1)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=2e-3)
-    add_user_lr_scale(p)
-    add_prior(p)
-    add_init_factoring(p)
     p.add_argument("--max-length", type=int, default=256)
-    add_strength_rule(p)
+    # Its stores do not record prior_on: every UKP cell ran on the factors.
+    add_settings(p, "user_lr_scale", "prior", "init_factoring", "strength_rule")
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "real_ukp.json"))
     args = p.parse_args()
     if args.quick:
