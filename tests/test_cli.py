@@ -51,6 +51,10 @@ def trained(tiny_text_backbone, data_file, tmp_path_factory):
             "--no-progress",
             "--lr",
             "1e-2",
+            # Fully personal: its few validation pairs could not show the gain, and these tests
+            # need users who score apart.
+            "--strength",
+            "1",
         ]
     )
     assert code == 0
@@ -388,6 +392,7 @@ def test_train_init_from_shared_at_strength_zero_is_the_shared_model(
     common = ["--data", data_file, "--backbone", tiny_text_backbone, "--test", "0.25", *TINY]
     assert main(["train", "--method", "shared", "--output", str(tmp_path / "s"), *common]) == 0
     argv = ["train", "--init-from", str(tmp_path / "s"), "--strength", "0", *common]
+    argv.append("--no-train-population")  # the start is served as it is
     assert main([*argv, "--init-factoring", factoring, "--output", str(tmp_path / "p")]) == 0
     shared, personal = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in "sp")
     assert personal["users"].keys() == shared["users"].keys()
@@ -426,7 +431,7 @@ def test_onboard_into_the_models_own_directory(tiny_text_backbone, data_file, tm
     model = tmp_path / "m"
     common = ["--backbone", tiny_text_backbone, "--test", "0", *TINY]
     assert main(["train", "--data", data_file, "--output", str(model), *common]) == 0
-    assert (model / "checkpoints" / "best").exists()  # a best of 2 users would not load
+    assert (model / "checkpoints" / "last").exists()  # a checkpoint of 2 users would not load
     new = _write_data(
         tmp_path / "new.jsonl",
         [{"chosen": "yes a", "rejected": "no b", "user": "cloudy"}] * 4,

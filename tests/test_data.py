@@ -153,9 +153,9 @@ def _rows(n_users=4, per_user=30, groups=False):
 
 def test_split_is_deterministic_and_fractions_hold():
     data = _rows()
-    a = split_per_user(data, SplitConfig(val=0.1, test=0.2, seed=3))
-    b = split_per_user(data, SplitConfig(val=0.1, test=0.2, seed=3))
-    c = split_per_user(data, SplitConfig(val=0.1, test=0.2, seed=4))
+    a = split_per_user(data, SplitConfig(val=0.1, test=0.2, seed=3, val_by="row"))
+    b = split_per_user(data, SplitConfig(val=0.1, test=0.2, seed=3, val_by="row"))
+    c = split_per_user(data, SplitConfig(val=0.1, test=0.2, seed=4, val_by="row"))
     assert a.manifest == b.manifest and a.manifest["sha256"] != c.manifest["sha256"]
     assert a.manifest["users"]["u0"] == {"train": 21, "val": 3, "test": 6}
     seen = [(x.chosen) for part in (a.train, a.val, a.test) for x in part]

@@ -58,6 +58,7 @@ def _train_cmd(backbone, data, out, *extra):
         "0.1",
         "--eval-every",
         "1",
+        "--deterministic",  # what makes a resumed run bit-identical (the README's promise)
         "--no-progress",
         *extra,
     ]
@@ -71,12 +72,20 @@ def _global_step(out: Path) -> int:
         return 0
 
 
-@pytest.mark.parametrize("kill_after", [5, 13])
-def test_sigkill_then_resume_equals_uninterrupted(tiny_text_backbone, tmp_path, kill_after):
+# The run chooses on validation in OUTPUT/select, then refits in OUTPUT: a kill in either. The
+# refit checkpoints at each epoch's end (16 steps: the users' pairs and the population's), and
+# it trains all 3 epochs when no best epoch is chosen.
+@pytest.mark.parametrize(
+    "phase,kill_after,extra",
+    [("select", 5, ()), ("select", 13, ()), ("", 16, ("--no-select-best",))],
+)
+def test_sigkill_then_resume_equals_uninterrupted(
+    tiny_text_backbone, tmp_path, phase, kill_after, extra
+):
     data = _data(tmp_path)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(
-        _train_cmd(tiny_text_backbone, data, tmp_path / "full"),
+        _train_cmd(tiny_text_backbone, data, tmp_path / "full", *extra),
         env=env,
         check=True,
         capture_output=True,
@@ -84,20 +93,20 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_text_backbone, tmp_path, 
     )
     cut = tmp_path / "cut"
     proc = subprocess.Popen(
-        _train_cmd(tiny_text_backbone, data, cut),
+        _train_cmd(tiny_text_backbone, data, cut, *extra),
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     deadline = time.time() + 300
-    while _global_step(cut) < kill_after and proc.poll() is None and time.time() < deadline:
+    while _global_step(cut / phase) < kill_after and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)  # wherever it is, even inside a checkpoint write
     proc.wait()
     assert not (cut / "adapters.safetensors").exists(), "the run finished before the kill"
     assert json.loads((cut / ".sharelora.lock").read_text())["pid"] == proc.pid  # now stale
     done = subprocess.run(
-        _train_cmd(tiny_text_backbone, data, cut, "--resume"),
+        _train_cmd(tiny_text_backbone, data, cut, *extra, "--resume"),
         env=env,
         capture_output=True,
         text=True,

@@ -9,7 +9,8 @@ from conftest import opposite_tastes
 from sharelora import AdapterConfig, PersonalizedRewardModel, population
 from sharelora.data import Comparison
 from sharelora.evaluate import evaluate
-from sharelora.onboard import POPULATION, onboard
+from sharelora.onboard import onboard
+from sharelora.population import POPULATION
 from sharelora.score import score_texts
 from sharelora.train import TrainConfig, train
 from sharelora.users import UnknownUserError

@@ -186,9 +186,12 @@ def test_rowwise_learns_like_full_adam(tiny_text_backbone):
         model = PersonalizedRewardModel.from_backbone(
             tiny_text_backbone, ["sunny", "rainy"], AdapterConfig(rank=4)
         )
+        # The optimizers alone: with the population learning too, rowwise needs more epochs
+        # on this tiny set (0.6 at 6 epochs, 1.0 at 12).
         cfg = TrainConfig(
-            epochs=6, lr=1e-2, batch_size=8, progress=False, max_length=32, user_state=state
-        )
+            epochs=6, lr=1e-2, batch_size=8, progress=False, max_length=32, user_state=state,
+            train_population=False,
+        )  # fmt: skip
         train(model, opposite_tastes(40), None, cfg)
         accuracy[state] = evaluate(model, opposite_tastes(15, seed=1))["macro_accuracy"]
     assert accuracy["rowwise"] >= 0.9 and accuracy["full"] >= 0.9, accuracy

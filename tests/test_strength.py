@@ -123,7 +123,8 @@ def test_strength_interpolates_between_population_and_personal(
     models = {}
     for strength in (0.0, 0.5, 1.0):
         models[strength] = _model(tiny_text_backbone, method)
-        train(models[strength], data, None, _cfg(init_from=str(shared_dir), strength=strength))
+        cfg = _cfg(init_from=str(shared_dir), strength=strength, train_population=False)
+        train(models[strength], data, None, cfg)
     start = _model(tiny_text_backbone, method)
     shared = PersonalizedRewardModel.from_pretrained(shared_dir)
     population.assign(start, population.from_shared(start, shared))
@@ -159,20 +160,21 @@ def test_freeze_shared_needs_a_shared_start():
 
 def test_strength_zero_without_a_start_gives_every_user_the_mean_rows(tiny_text_backbone):
     personal = _model(tiny_text_backbone, user_init="independent")
-    train(personal, opposite_tastes(12), None, _cfg(strength=1.0, prior=0.0))
+    fixed = {"prior": 0.0, "train_population": False}
+    train(personal, opposite_tastes(12), None, _cfg(strength=1.0, **fixed))
     shrunk = _model(tiny_text_backbone, user_init="independent")
-    train(shrunk, opposite_tastes(12), None, _cfg(strength=0.0, prior=0.0))
+    train(shrunk, opposite_tastes(12), None, _cfg(strength=0.0, **fixed))
     for full, zero in zip(personal.user_parameters(), shrunk.user_parameters(), strict=True):
         torch.testing.assert_close(zero, full.mean(0, keepdim=True).expand_as(full))
 
 
 def test_with_a_prior_strength_zero_gives_every_user_the_prior_center(tiny_text_backbone):
-    # Without a shared start the prior's center is where every user started: at strength 0
-    # every user is back there (the mean of the independent draws), whatever training did.
+    # With the population fixed and no shared start the prior's center is where every user
+    # started: at strength 0 every user is back there (the mean of the independent draws).
     start = _model(tiny_text_backbone, user_init="independent")
     center = population.mean_of(start)
     model = _model(tiny_text_backbone, user_init="independent")
-    train(model, opposite_tastes(12), None, _cfg(strength=0.0, prior=1.0))
+    train(model, opposite_tastes(12), None, _cfg(strength=0.0, train_population=False))
     for name, table in population._user_tables(model).items():
         torch.testing.assert_close(table, center[name].expand_as(table), rtol=0, atol=0)
 
@@ -240,7 +242,7 @@ def test_compare_from_shared_at_strength_zero_equals_shared(tiny_text_backbone, 
         splits,
         ["sharelora", "core", "shared"],
         adapter,
-        _cfg(strength=0.0),
+        _cfg(strength=0.0, train_population=False),
         str(tiny_text_backbone),
         tmp_path,
         log=lambda m: None,

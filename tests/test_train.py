@@ -51,7 +51,7 @@ def test_resume_equals_uninterrupted(
     tiny_text_backbone, tmp_path, monkeypatch, top_layers, warmup_epochs
 ):
     # The cut falls in the personal stage: the prior and the strength chosen at the end need
-    # the population saved in the checkpoint (the warm-up's row, or the prior's center).
+    # the population in the checkpoint (a row of the tables, as it trains).
     data = opposite_tastes(12)
     # Exact resume is as exact as the run itself: bit-identical runs need deterministic kernels.
     cfg = _cfg(
@@ -68,9 +68,10 @@ def test_resume_equals_uninterrupted(
         real_save(directory, *args)
         if directory.name == "last":
             saved.append(directory)
-            # 6 steps per epoch, saved every 2 steps and at each epoch's end: the 6th save is
-            # at step 4 of epoch 2.
-            if len(saved) == 6:
+            # 12 steps per epoch (the users' 24 pairs and the population's 24, 4 a batch),
+            # saved every 2 steps and at each epoch's end: the 9th save is at step 4 of
+            # epoch 2.
+            if len(saved) == 9:
                 raise KeyboardInterrupt
 
     monkeypatch.setattr(train_module, "save_checkpoint", save_then_crash)
@@ -78,8 +79,8 @@ def test_resume_equals_uninterrupted(
         train(_model(tiny_text_backbone, **kw), data, data[:6], cfg, tmp_path / "cut")
     monkeypatch.setattr(train_module, "save_checkpoint", real_save)
     stored = tmp_path / "cut" / "checkpoints" / "last" / "model" / "population.safetensors"
-    # The population: the warm-up's row, or the prior's center (the start) without a warm-up.
-    assert stored.exists()
+    # The population trains as a row of the tables: the checkpoint holds it there.
+    assert not stored.exists() and cfg.train_population
     resumed = _model(tiny_text_backbone, **kw)
     got = train(resumed, data, data[:6], cfg, tmp_path / "cut", resume=True)["summary"]
     assert got["shrinkage_val"] == expected["shrinkage_val"] and len(got["shrinkage_val"]) == 5
@@ -277,12 +278,15 @@ def test_a_fresh_run_never_reads_the_previous_runs_state(tiny_text_backbone, tmp
     assert _same_weights(saved, fresh)
     log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").open()]
     steps = [r["global_step"] for r in log if r["event"] == "step"]
-    assert steps == [1, 2, 3, 4, 5, 6]  # this run's steps, nothing older
+    # This run's steps, nothing older: 24 pairs of the users' and 24 of the population's.
+    assert steps == list(range(1, 13))
 
 
 def test_warmup_validates_as_it_trains_and_selection_restarts(tiny_text_backbone):
+    # The warm-up of user 0's row (with the population learning, it trains the population's
+    # row instead: tests/test_population.py).
     model = _model(tiny_text_backbone, user_init="independent")
-    cfg = _cfg(epochs=2, warmup_epochs=1, batch_size=8)
+    cfg = _cfg(epochs=2, warmup_epochs=1, batch_size=8, train_population=False)
     trainer = train_module.Trainer(model, opposite_tastes(8), opposite_tastes(6, seed=1), cfg)
     randomize(model)  # users differ
     warm, personal = trainer.evaluate("w", epoch=0), trainer.evaluate("p", epoch=1)
@@ -324,7 +328,7 @@ def test_training_log_counts_a_tie_as_half(tmp_path):
     ties = [Comparison("q?", "same reply", "same reply", u) for u in ("sunny", "rainy") * 4]
     train(_model(backbone), ties, None, _cfg(epochs=1, batch_size=8), tmp_path / "run")
     steps = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").open()]
-    assert [s["accuracy"] for s in steps if s["event"] == "step"] == [0.5]
+    assert [s["accuracy"] for s in steps if s["event"] == "step"] == [0.5, 0.5]  # + population
 
 
 def test_deterministic_runs_are_bit_identical_and_restore_the_global_flag(tiny_text_backbone):

@@ -55,6 +55,10 @@ class UserRouter:
         self.sparse_grads = False
         # Per-user tables stay in host memory when the model moves (see PersonalLoRALayer).
         self.host_tables = False
+        # While the population trains (sharelora.population.add_learner) its row of a table
+        # holds base_scale · T̄ and every other row a deviation Δ_u: T_u = T̄ + Δ_u.
+        self.base_row: int | None = None
+        self.base_scale = 1.0
         self._ids: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar(
             "sharelora_user_ids", default=None
         )
@@ -147,10 +151,19 @@ class _UserTables(nn.Module):
         way)."""
         device = ids.device
         ids = ids.to(table.device)
+        base = self.router.base_row
+        if base is not None:  # T_u = T̄ + Δ_u: the population's row rides along, once
+            ids = torch.cat([ids, ids.new_tensor([base])])
         if self.router.sparse_grads and torch.is_grad_enabled() and table.requires_grad:
             rows = _SparseRows.apply(table, ids)
         else:
             rows = table[ids]
+        if base is not None:
+            rows, center = rows[:-1], rows[-1:] / self.router.base_scale
+            own = (ids[:-1] == base).view(-1, *[1] * (rows.dim() - 1))
+            # The population's row is T̄ alone, and T̄ learns from its own pairs only: a user's
+            # pair moves Δ_u, so T̄ sees each pair once per epoch, as a shared model would.
+            rows = rows.masked_fill(own, 0) + torch.where(own, center, center.detach())
         return rows.to(device, non_blocking=True)
 
     def deviation_sq(

@@ -31,6 +31,7 @@ class Progress:
     step: int = 0  # batches done in the current epoch
     global_step: int = 0  # optimizer steps
     best: float | None = None  # best validation macro accuracy of the current stage
+    best_at: int = 0  # epochs trained at the best (begun ones count whole): what a refit trains
     seconds: float = 0.0
 
 

@@ -65,7 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_data(p)
     p.add_argument("--model", required=True)
     p.add_argument("--output", help="write metrics.json here")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="pairs per forward pass")
+    p.add_argument(
+        "--unknown-user",
+        choices=("error", "population"),
+        default="error",
+        help="score users the model does not know (a split dropped them, or they are new) with "
+        "the population model; the metrics count the rows and users affected",
+    )
 
     p = sub.add_parser("score", help="add a reward to each row of a JSONL file")
     p.add_argument("--model", required=True)

@@ -101,14 +101,23 @@ def cmd_train(args) -> None:
             max_length=cfg.max_length,
         )
         _log(f"parameters: {json.dumps(model.parameter_report())}")
-        result = train(model, splits.train, splits.val, cfg, out, resume=args.resume)
+        result = train(
+            model, splits.train, splits.val, cfg, out, args.resume, refit_data=splits.refit
+        )
         if splits.test:
             metrics = evaluate(
                 model, splits.test, seed=cfg.seed, prefix_cache=result["prefix_cache"]
             )
             write_json(out / "metrics.json", metrics)
             _print_metrics(metrics)
-    _log(f"model written to {out}")
+    _log(f"model written to {out}{served_note(result['summary'])}")
+
+
+def served_note(summary: dict) -> str:
+    """What the last line of a run says when validation kept the population."""
+    if summary.get("served") != "population":
+        return ""
+    return "; personalization does not pay on this data: serving the population"
 
 
 def _print_metrics(metrics: dict) -> None:
@@ -129,8 +138,14 @@ def cmd_eval(args) -> None:
 
     data = _read(args)  # bad data fails fast, before a large model loads
     model = PersonalizedRewardModel.from_pretrained(args.model)
-    metrics = evaluate(model, data, args.batch_size, split="eval")
+    metrics = evaluate(model, data, args.batch_size, split="eval", unknown_user=args.unknown_user)
     _print_metrics(metrics)
+    gone = metrics["unknown_users"]
+    if gone["users"]:
+        _log(
+            f"{gone['users']} user(s) the model was not trained on ({gone['rows']} rows) scored "
+            f"with the {gone['policy']} model"
+        )
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         write_json(args.output, metrics)

@@ -24,7 +24,7 @@ SHARED_RUN = "<this run's shared model>"
 VARIANTS = {
     "warmup": {"warmup_epochs": 1},
     "from-shared": {"init_from": SHARED_RUN},
-    "unpooled": {"prior": 0.0, "strength": 1.0},
+    "unpooled": {"prior": 0.0, "strength": 1.0, "train_population": False},
     "frozen": {"init_from": SHARED_RUN, "freeze_shared": True},
 }
 
@@ -101,7 +101,7 @@ def compare(
         model = PersonalizedRewardModel.from_backbone(
             backbone, splits.users, replace(adapter, method=base), max_length=cfg.max_length
         )
-        run = train(model, splits.train, splits.val, cfg, out / method, prefix_cache=cache)
+        run = train(model, splits.train, splits.val, cfg, out / method, False, cache, splits.refit)
         cache = run["prefix_cache"]
         metrics = evaluate(
             model,
@@ -111,6 +111,7 @@ def compare(
             prefix_cache=cache,
         )
         metrics["strength"] = run["summary"]["strength"]
+        metrics["served"] = run["summary"]["served"]
         if model.adapter_config.personalized and len(splits.users) > 1:
             shuffled = evaluate(model, shuffled_users(test, config.seed), prefix_cache=cache)
             metrics["shuffled_macro_accuracy"] = shuffled["macro_accuracy"]
@@ -154,5 +155,6 @@ def diagnose(results: dict[str, dict], rows: list, seed: int = 0) -> dict:
             "macro_accuracy": metrics["macro_accuracy"],
             "gain": paired_gain(metrics, results[base], seed=seed) if base else None,
             "shuffled_macro_accuracy": metrics.get("shuffled_macro_accuracy"),
+            "served": metrics.get("served"),
         }
     return {"room": disagreement(rows), "baseline": base, "methods": methods}

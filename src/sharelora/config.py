@@ -32,6 +32,10 @@ STRENGTH_RULES = ("lowest", "one-se")
 PRIOR_ON = ("factors", "weights")
 # How a start from a shared model factors its LoRA update (``population.from_shared``).
 FACTORINGS = ("as-trained", "orthonormal")
+# A personal model is served only when its validation loss beats the population's by more than
+# this many paired, user-clustered standard errors (a 95% interval that excludes 0); else the
+# population is served (``sharelora.strength``).
+POPULATION_Z = 1.96
 # The precisions ``prior="auto"`` trains at and chooses from on validation (``sharelora.prior``):
 # the default and a quarter of it (on Jester's seen jokes validation preferred ¼ to 1 and 1 to 4).
 PRIOR_GRID = (1.0, 0.25)
@@ -191,7 +195,18 @@ class TrainConfig:
             every user; 1 leaves the trained model as it is.
         strength_rule: how ``"auto"`` picks: ``"lowest"`` validation loss, or ``"one-se"``,
             the strongest shrinkage within one standard error of the lowest (more often the
-            population; see docs/personalization.md for where each wins).
+            population; see docs/personalization.md for where each wins). Either way a
+            personal choice must beat the population on validation by ``POPULATION_Z``
+            paired standard errors, or the population is served.
+        train_population: during personal training, the population ``T̄`` trains too, on
+            every user's pairs (as one more user), and the prior pulls each user toward it as
+            it moves: the population, and so κ = ∞, is then a shared model trained as long as
+            the personal one, not the frozen start (``population.add_learner``). Off: ``T̄``
+            stays where personal training started (the paper's recipe).
+        refit: when validation chose something (strength, prior, best epoch), train again from
+            the same start on every non-test pair with those choices (``train(refit_data=)``):
+            a validation carved by text leaves out about half the pairs, and the refit gets
+            them back.
     """
 
     epochs: int = 3
@@ -221,6 +236,8 @@ class TrainConfig:
     freeze_shared: bool = False
     strength: float | str = "auto"
     strength_rule: str = "lowest"
+    train_population: bool = True
+    refit: bool = True
     deterministic: bool = False
     progress: bool = True
 

@@ -102,4 +102,12 @@ def diagnostics_text(diag: dict) -> str:
         lines.append(
             f"| {method} | {d['macro_accuracy']:.3f} | {gain} | {interval} | {sh} | {drop} |"
         )
+    kept = [m for m, d in diag["methods"].items() if d.get("served") == "population"]
+    if kept:
+        lines += [
+            "",
+            f"{', '.join(f'`{m}`' for m in kept)}: personalization does not pay on this data "
+            "(validation could not tell the personal model from the population): serving the "
+            "population.",
+        ]
     return "\n".join(lines)

@@ -148,28 +148,51 @@ def predict_margins(
 
 
 def evaluate(
-    model, data, batch_size: int = 32, split: str = "test", seed: int = 0, prefix_cache=None
+    model,
+    data,
+    batch_size: int = 32,
+    split: str = "test",
+    seed: int = 0,
+    prefix_cache=None,
+    unknown_user: str = "error",
 ) -> dict:
     """``metrics.json`` for ``model`` on comparisons ``data``.
 
-    A personalized model must know every user of ``data``; the ``shared`` model scores anyone
-    (its reward ignores the user). ``prefix_cache`` (from training on the same backbone) skips
-    the frozen blocks when the model's adapters sit in its top blocks only.
+    A personalized model must know every user of ``data`` unless ``unknown_user`` is
+    ``"population"``: then a user it does not know (one a split dropped, a new one) is scored
+    with the population model, and ``unknown_users`` in the metrics counts the rows and users
+    that affected. The ``shared`` model scores anyone (its reward ignores the user).
+    ``prefix_cache`` (from training on the same backbone) skips the frozen blocks when the
+    model's adapters sit in its top blocks only.
     """
     from dataclasses import replace
 
+    from .population import POPULATION, add_population_user
+
+    if unknown_user not in ("error", "population"):
+        raise ValueError(f"unknown_user must be 'error' or 'population', got {unknown_user!r}")
+    unknown = sorted({c.user for c in data} - set(model.users))
     rows = data
-    if model.adapter_config.personalized:
-        unknown = sorted({c.user for c in data} - set(model.users))
-        if unknown:
-            raise UnknownUserError(
-                f"{len(unknown)} user(s) in the data are not in the model: {', '.join(unknown[:5])}"
-            )
-    else:
+    if not model.adapter_config.personalized:
         rows = [replace(c, user=model.users.names[0]) for c in data]
+    elif unknown and unknown_user == "error":
+        raise UnknownUserError(
+            f"{len(unknown)} user(s) in the data are not in the model: {', '.join(unknown[:5])}; "
+            "--unknown-user population scores them with the population model"
+        )
+    elif unknown:
+        add_population_user(model)
+        rows = [c if c.user in model.users else replace(c, user=POPULATION) for c in data]
     cache = None
     if prefix_cache is not None and model.adapter_config.top_layers:
         cache = PrefixCache(model, store=prefix_cache)
     run = PairRun(model, None, rows, model.max_length, cache, progress=False)
     margins = predict_margins(model, run.val, batch_size, run=run)
-    return summarize([c.user for c in data], margins, model.adapter_config.method, split, seed)
+    metrics = summarize([c.user for c in data], margins, model.adapter_config.method, split, seed)
+    gone = set(unknown)
+    metrics["unknown_users"] = {
+        "policy": "population" if model.adapter_config.personalized else "shared",
+        "users": len(gone),
+        "rows": sum(c.user in gone for c in data),
+    }
+    return metrics

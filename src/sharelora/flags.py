@@ -188,6 +188,23 @@ def add_train(p: argparse.ArgumentParser) -> None:
         "then only chooses --strength)",
     )
     g.add_argument(
+        "--train-population",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.train_population,
+        help="train the population (the model of unknown users, the prior's center and what "
+        "--strength 0 serves) on every user's pairs during personal training "
+        "(--no-train-population: it stays at the start, e.g. the --init-from model, as in the "
+        "paper)",
+    )
+    g.add_argument(
+        "--refit",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.refit,
+        help="after validation chose the strength, prior and epochs, train again with those "
+        "choices on every non-test pair, validation's too (--no-refit: keep the choosing run; "
+        "about half the time)",
+    )
+    g.add_argument(
         "--deterministic",
         action="store_true",
         help="deterministic kernels: two runs with one seed on one machine give bit-identical "

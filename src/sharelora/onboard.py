@@ -14,8 +14,6 @@ from dataclasses import replace
 from .data import Comparison
 from .train import TrainConfig, train
 
-POPULATION = "<population>"
-
 
 def onboard(
     model,
@@ -43,7 +41,8 @@ def onboard(
     for p in model.shared_parameters():
         p.requires_grad_(False)
     # The model's own token budget: another max_length would re-tokenize existing users.
-    # Strength 1: shrinking toward the population would move every existing user too.
+    # Strength 1: shrinking toward the population would move every existing user too; and the
+    # population stays as trained (a learner here would learn from the new users alone).
     cfg = replace(
         config or TrainConfig(),
         sparse_users="on",
@@ -51,16 +50,6 @@ def onboard(
         init_from=None,
         strength=1.0,
         max_length=model.max_length,
+        train_population=False,
     )
     return train(model, data, val_data, cfg, output_dir)
-
-
-def add_population_user(model) -> int:
-    """Append the population adapter as a user named ``<population>``; returns its id.
-
-    Scoring an unknown user with it (``--unknown-user population``) gives the zero-shot reward:
-    the mean of what the trained users' factors express.
-    """
-    if POPULATION in model.users:
-        return model.users.id(POPULATION)
-    return model.add_users([POPULATION])[0]

@@ -10,12 +10,15 @@ is
 - where a new user starts (``PersonalizedRewardModel.add_users``, onboarding), and
 - the reward of a user the model does not know (``--unknown-user population``).
 
-It comes from, in this order: a trained ``shared`` model (``from_shared``), the end of the
-shared warm-up (``from_row``: the row every user was routed to), else the mean over users of
-each per-user table (``mean_of``). Training stores the first two on the model
-(``model.population``), which saves them as ``population.safetensors`` beside the adapters;
-with neither, a run with a prior stores the rows every user starts from (the prior needs a
-fixed center); ``of(model)`` falls back to the mean.
+It starts from, in this order: a trained ``shared`` model (``from_shared``), the end of the
+shared warm-up (``from_row``: the row every user was routed to), else the rows every user
+starts from. By default it then keeps learning (``TrainConfig.train_population``): during
+personal training it is one more user, ``LEARNER``, whose pairs are every user's pairs, and the
+prior pulls each user toward its rows as they move (``learner_rows``). At the end
+(``detach_learner``) its rows and the shared tensors as trained are ``model.population``, saved
+as ``population.safetensors`` beside the adapters: so κ = ∞ serves a shared model trained as
+long as the personal one, never the frozen start. Without it, training stores the start
+(the prior needs a center); ``of(model)`` falls back to the mean over users of each table.
 """
 
 from __future__ import annotations
@@ -131,6 +134,78 @@ def from_shared(model, shared, factoring: str = "as-trained") -> dict[str, torch
     return out
 
 
+# The name under which a model scores the users it does not know (``--unknown-user population``).
+POPULATION = "<population>"
+
+
+def add_population_user(model) -> int:
+    """Append the population as a user named ``POPULATION``; returns its id.
+
+    Scoring an unknown user with it (``--unknown-user population``) gives the zero-shot reward:
+    the population a run trained (``model.population``), else the mean of the users' rows.
+    """
+    if POPULATION in model.users:
+        return model.users.id(POPULATION)
+    return model.add_users([POPULATION])[0]
+
+
+# The population while it learns: one more user, whose pairs are every user's pairs. The NUL
+# keeps it apart from any name a data file can hold (names are stripped text).
+LEARNER = "\x00population"
+
+
+@torch.no_grad()
+def add_learner(model, lr_scale: float = 1.0) -> int:
+    """Append the population as a user that trains (``TrainConfig.train_population``), its
+    rows at ``of(model)``, and store every other row as its deviation: ``T_u = T̄ + Δ_u``
+    (``UserRouter.base_row``), so that what the population learns reaches every user at once
+    and the prior on ``Δ_u`` has a fixed center, zero. Returns its id (the last).
+
+    ``lr_scale``: the user tables' learning rate over the shared one. The population sees
+    every batch, as a shared tensor does, and steps at the shared rate: its row holds
+    ``lr_scale · T̄`` (Adam's step has one size whatever the gradient's scale, so a row that
+    steps ``lr_scale`` times further moves ``T̄`` at the shared rate). Stepping its rows at the
+    users' rate, a population fitting users who disagree wanders and drags every user along.
+    """
+    learner = model.add_users([LEARNER])[0]
+    for table in _user_tables(model).values():
+        table[:learner] -= table[learner]
+        table[learner] *= lr_scale
+    model.router.base_row, model.router.base_scale = learner, lr_scale
+    return learner
+
+
+def learner_rows(model, learner: int) -> dict[str, torch.Tensor]:
+    """The population's row of every per-user table ``[1, ...]``, detached, as users' rows
+    see it: as the prior's center, ``|T_u − T̄|²`` is exactly ``|Δ_u|²``."""
+    ids = torch.tensor([learner])
+    return {
+        f"{lname}.{name}": layer._rows(table, ids.to(table.device)).detach()
+        for lname, layer in model.adapter_layers.items()
+        for name, table in layer.user_parameters.items()
+    }
+
+
+@torch.no_grad()
+def detach_learner(model, learner: int) -> None:
+    """End the learner: users' rows go back to ``T̄ + Δ_u``; the population's row of every
+    table, with the shared tensors as trained, becomes ``model.population``; the row and the
+    name leave the model."""
+    if model.users.names[learner:] != [LEARNER] or model.router.base_row != learner:
+        raise ValueError(f"user {learner} is not the population learner")
+    for table in _user_tables(model).values():
+        table[learner] /= model.router.base_scale
+        table[:learner] += table[learner]
+    model.router.base_row, model.router.base_scale = None, 1.0
+    model.population = from_row(model, learner)
+    for layer in model.adapter_layers.values():
+        for name, table in layer.user_parameters.items():
+            kept = torch.nn.Parameter(table[:learner].clone(), table.requires_grad)
+            setattr(layer, name, kept)
+    model.users.truncate(learner)
+    model.router.num_users = learner
+
+
 def of(model) -> dict[str, torch.Tensor]:
     """The model's population: the stored one, else the mean over users."""
     stored = getattr(model, "population", None)
@@ -167,7 +242,11 @@ def lerp(
 
 
 def deviation_penalty(
-    model, pair_users: torch.Tensor, counts: torch.Tensor, on: str = "factors"
+    model,
+    pair_users: torch.Tensor,
+    counts: torch.Tensor,
+    on: str = "factors",
+    center: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The Gaussian prior on every user's deviation ``Δ_u = T_u − T̄`` from the population,
     as a per-batch term: ``Σ_i |Δ_{u_i}|² / (2 n_{u_i})`` over the batch's pairs ``i``, divided
@@ -184,12 +263,15 @@ def deviation_penalty(
         counts: ``[N]`` training pairs of each user, on ``pair_users``' device.
         on: ``"factors"``: ``|Δ_u|²`` over the user's rows of every per-user table;
             ``"weights"``: over each layer's weight change (``PersonalLoRALayer.deviation_sq``).
+        center: the population's rows by name (default ``model.population``): the learner's
+            rows while the population trains (``learner_rows``).
     """
+    rows = model.population if center is None else center
     users, in_batch = pair_users.unique(return_counts=True)  # [k], [k]
     weight = in_batch / (len(pair_users) * counts[users].clamp(min=1))  # [k]
     total = torch.zeros((), device=pair_users.device)
     for name, layer in model.adapter_layers.items():
-        center = {p: model.population[f"{name}.{p}"] for p in layer.user_parameters}
+        center = {p: rows[f"{name}.{p}"] for p in layer.user_parameters}
         sq = layer.deviation_sq(users, center, weights=on == "weights")  # [k]
         total = total + (weight.to(sq) * sq).sum()
     return total / 2

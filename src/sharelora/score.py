@@ -48,7 +48,7 @@ def score_rows(
     ids = None
     if model.adapter_config.personalized:
         if unknown_user == "population":
-            from .onboard import POPULATION, add_population_user
+            from .population import POPULATION, add_population_user
 
             if any(u not in model.users for u in users):
                 add_population_user(model)

@@ -38,7 +38,7 @@ import math
 import torch
 
 from . import population as pop
-from .config import SHRINKAGE
+from .config import POPULATION_Z, SHRINKAGE
 
 
 def snapshot(model) -> dict[str, torch.Tensor]:
@@ -51,6 +51,8 @@ def user_weights(counts: torch.Tensor, kappa: float) -> torch.Tensor:
     counts = counts.float()
     if math.isinf(kappa):
         return torch.zeros_like(counts)
+    if kappa == 0:  # every user keeps their own model, one with no pairs too (not 0 / 0)
+        return torch.ones_like(counts)
     return counts / (counts + kappa)
 
 
@@ -83,6 +85,37 @@ def choose_scale(tried: dict[float, dict], rule: str) -> tuple[float, dict[float
     return max(s for s, m in tried.items() if m["calibrated_loss"] - low <= se[s]), se
 
 
+def population_gate(tried: dict[float, dict], chosen: float) -> tuple[float, dict]:
+    """``chosen`` if its calibrated validation loss beats the population's (scale ∞) by more
+    than ``POPULATION_Z`` paired, user-clustered standard errors, else ∞: no personalization
+    that validation cannot show. Also the gain and its error."""
+    if math.isinf(chosen):
+        return chosen, {"gain": 0.0, "se": 0.0}
+    population, personal = tried[math.inf], tried[chosen]
+    gain = population["calibrated_loss"] - personal["calibrated_loss"]
+    se = paired_se(population["users"], personal["users"])
+    return (chosen if gain > POPULATION_Z * se else math.inf), {"gain": gain, "se": se}
+
+
+def _median_count(counts: torch.Tensor) -> float:
+    trained = counts[counts > 0].float()
+    return float(trained.median()) if len(trained) else 1.0
+
+
+def _shrink(model, base: dict, personal: dict, scale: float, counts: torch.Tensor) -> None:
+    """Every user at ``κ = scale · median n_u``; shared tensors at the median user's γ."""
+    kappa = scale * _median_count(counts)
+    pop.lerp(model, base, personal, 1 / (1 + scale), user_weights(counts, kappa))
+
+
+def apply_scale(model, scale: float, counts: torch.Tensor) -> float:
+    """Shrink ``model`` at a scale chosen before (a refit repeats validation's choice with its
+    own counts ``[N]``); returns the median user's γ."""
+    if model.adapter_config.personalized and scale:
+        _shrink(model, pop.of(model), snapshot(model), scale, counts)
+    return 1 / (1 + scale)
+
+
 def apply_strength(
     model, strength, val_metrics, evaluate_val, counts: torch.Tensor, rule: str = "lowest"
 ):
@@ -91,15 +124,13 @@ def apply_strength(
     carry ``se``, the paired standard error of its loss against the lowest.
 
     ``strength`` is ``"auto"`` (over ``SHRINKAGE``, by ``rule``: ``"lowest"`` loss or
-    ``"one-se"``) or a number γ for every user. ``val_metrics`` are those of the model as it
-    is (κ = 0); ``evaluate_val(tag)`` evaluates the model in its current state; ``counts`` are
-    the training comparisons of every user ``[N]``.
+    ``"one-se"``, then ``population_gate``) or a number γ for every user. ``val_metrics`` are
+    those of the model as it is (κ = 0); ``evaluate_val(tag)`` evaluates the model in its
+    current state; ``counts`` are the training comparisons of every user ``[N]``.
     """
     if not model.adapter_config.personalized or strength == 1:
         return 1.0, val_metrics, {}
     personal, base = snapshot(model), pop.of(model)
-    trained = counts[counts > 0].float()
-    median = float(trained.median()) if len(trained) else 1.0
     if strength != "auto":
         pop.lerp(model, base, personal, float(strength))
         if val_metrics:  # a fixed strength: report validation where the model is
@@ -109,10 +140,11 @@ def apply_strength(
         return 1.0, val_metrics, {}
     tried = {0.0: val_metrics}
     for scale in SHRINKAGE[1:]:
-        kappa = scale * median
-        pop.lerp(model, base, personal, 1 / (1 + scale), user_weights(counts, kappa))
+        _shrink(model, base, personal, scale, counts)
         tried[scale] = evaluate_val(f"shrinkage {scale:g}")
     chosen, se = choose_scale(tried, rule)
+    chosen, gate = population_gate(tried, chosen)
     tried = {s: {**m, "se": se[s]} for s, m in tried.items()}
-    pop.lerp(model, base, personal, 1 / (1 + chosen), user_weights(counts, chosen * median))
+    tried[chosen]["gate"] = gate
+    _shrink(model, base, personal, chosen, counts)
     return 1 / (1 + chosen), tried[chosen], tried

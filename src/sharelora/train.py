@@ -19,7 +19,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate import Accelerator, DataLoaderConfiguration, PartialState
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -28,7 +28,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from . import population
 from .checkpoint import Progress, load_checkpoint, resolve_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .data import Comparison, PairDataset
+from .data import Comparison, PairDataset, seen_share
 from .determinism import deterministic_mode
 from .evaluate import predict_margins, summarize
 from .files import clear_run_state, run_lock, write_json
@@ -36,7 +36,7 @@ from .optim import build_optimizer, build_scheduler, clip_grad_norm_
 from .pairs import PairRun, bt_loss, pair_correct
 from .prefix import PrefixCache
 from .prior import search_prior
-from .strength import apply_strength
+from .strength import apply_scale, apply_strength, snapshot
 
 __all__ = ["TrainConfig", "Trainer", "TrainingError", "train"]
 
@@ -74,11 +74,12 @@ class Trainer:
         output_dir: str | Path | None = None,
         resume: bool = False,
         prefix_cache: PrefixCache | None = None,
+        scale: float | None = None,
     ):
         unknown = sorted({c.user for c in train_data} - set(model.users))
         if unknown:
             raise ValueError(f"training users not in the model: {', '.join(unknown[:5])}")
-        self.model, self.cfg = model, cfg
+        self.model, self.cfg, self.scale = model, cfg, scale
         self.out = Path(output_dir) if output_dir is not None else None
         set_seed(cfg.seed)
         model.max_length = cfg.max_length
@@ -92,12 +93,6 @@ class Trainer:
             dataloader_config=DataLoaderConfiguration(split_batches=True),
         )
         self._clear_previous_run(resume)
-        if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
-        if cfg.user_tables == "host":
-            if acc.num_processes > 1:
-                raise ValueError("--user-tables host is a single-process path; use device")
-            model.keep_user_tables_on_host()
         if cfg.init_from:
             from .model import PersonalizedRewardModel
 
@@ -107,6 +102,18 @@ class Trainer:
             if cfg.freeze_shared:
                 for p in model.shared_parameters():
                     p.requires_grad_(False)
+        self.train_pairs = len(train_data)  # the users' own (the learner's copies come next)
+        self.learner = None  # the id of the population while it trains as one more user
+        if cfg.train_population and model.adapter_config.personalized:
+            self.learner = population.add_learner(model, cfg.user_lr_scale)
+            learner = [replace(c, user=population.LEARNER) for c in train_data]
+            train_data = train_data + learner  # the population trains on every user's pairs
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        if cfg.user_tables == "host":
+            if acc.num_processes > 1:
+                raise ValueError("--user-tables host is a single-process path; use device")
+            model.keep_user_tables_on_host()
         cache = None
         if model.adapter_config.top_layers and cfg.cache_prefix:
             model.to(acc.device)
@@ -118,7 +125,8 @@ class Trainer:
         )
         self.counts = None  # on the device, when the prior is on
         if cfg.prior and model.adapter_config.personalized:
-            if model.population is None and not cfg.warmup_epochs:
+            fixed = self.learner is None and not cfg.warmup_epochs
+            if model.population is None and fixed:
                 model.population = population.of(model)  # the prior's center: the start
             self.counts = self.user_counts.to(acc.device)
         batches = math.ceil(len(self.pairs.train) / cfg.batch_size)
@@ -167,19 +175,22 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ stages
     def in_warmup(self, epoch: int) -> bool:
-        """The shared warm-up routes every row to user 0, in training and in validation."""
+        """The shared warm-up routes every row to one row (the population learner's, else
+        user 0's), in training and in validation."""
         return epoch < self.cfg.warmup_epochs
 
     def _begin_epoch(self, epoch: int) -> None:
-        """At the end of the warm-up, row 0 becomes the population: every user starts there
-        with fresh Adam state, and best-checkpoint selection starts over (a warm-up checkpoint
-        is not a personal model; the population stays reachable through the strength)."""
+        """At the end of the warm-up, the row it trained becomes the population: every user
+        starts there with fresh Adam state, and best-checkpoint selection starts over (a
+        warm-up checkpoint is not a personal model; the population stays reachable through the
+        strength). With the learner, users' deviations are still zero: nothing to copy."""
         boundary = self.cfg.warmup_epochs and epoch == self.cfg.warmup_epochs
         if not boundary or self.progress.step != 0:
             return
         model = self.model
-        model.population = population.from_row(model, 0)
-        population.assign(model, model.population)
+        if self.learner is None:
+            model.population = population.from_row(model, 0)
+            population.assign(model, model.population)
         for table in model.user_parameters():
             self.optimizer.optimizer.state.pop(table, None)
         self.progress.best, self.best_val = None, None
@@ -190,15 +201,18 @@ class Trainer:
         warmup = self.in_warmup(epoch)
         for batch in self._batches(epoch):
             if warmup:
-                batch["user_ids"] = torch.zeros_like(batch["user_ids"])
+                batch["user_ids"] = torch.full_like(batch["user_ids"], self.learner or 0)
             with acc.accumulate(self.wrapped):
                 shares = warmup or not model.adapter_config.personalized
                 rewards = pairs.rewards(self.wrapped, pairs.train, batch, shares)  # [2B]
                 loss = bt_loss(rewards).mean()
                 if self.counts is not None and not warmup:
                     pair_users = batch["user_ids"][: len(rewards) // 2]  # [B]: rows are [+; -]
+                    center = None
+                    if self.learner is not None:
+                        center = population.learner_rows(model, self.learner)
                     loss = loss + cfg.prior * population.deviation_penalty(
-                        model, pair_users, self.counts, cfg.prior_on
+                        model, pair_users, self.counts, cfg.prior_on, center
                     )
                 self._check_finite(loss, epoch)
                 acc.backward(loss)
@@ -310,6 +324,7 @@ class Trainer:
         better = metrics and (progress.best is None or metrics["macro_accuracy"] > progress.best)
         if better:
             progress.best, self.best_val = metrics["macro_accuracy"], metrics
+            progress.best_at = progress.epoch + (1 if progress.step else 0)  # epochs to refit
         if acc.is_main_process:
             state = (self.model, self.optimizer, self.scheduler, asdict(progress))
             if better:
@@ -325,13 +340,19 @@ class Trainer:
         if out is not None and self.progress.best is not None:
             model.load_trainable(out / "checkpoints" / "best" / "model" / "adapters.safetensors")
             metrics = self.best_val
+        if self.learner is not None:
+            population.detach_learner(model, self.learner)
+            self.user_counts = self.user_counts[: self.learner]
         metrics = metrics or self.evaluate("final")
-        strength, metrics, tried = apply_strength(
-            model, cfg.strength, metrics, self.evaluate, self.user_counts, cfg.strength_rule
-        )
+        if self.scale is not None:  # a refit: validation chose the scale before
+            strength, tried = apply_scale(model, self.scale, self.user_counts), {}
+        else:
+            strength, metrics, tried = apply_strength(
+                model, cfg.strength, metrics, self.evaluate, self.user_counts, cfg.strength_rule
+            )
         summary = {
             "config": asdict(cfg),
-            "train_pairs": len(self.pairs.train),
+            "train_pairs": self.train_pairs,
             "val_pairs": len(self.pairs.val) if self.pairs.val else 0,
             "truncated_texts": self.pairs.truncated,
             "steps": self.progress.global_step,
@@ -348,6 +369,11 @@ class Trainer:
             "prior": cfg.prior if self.counts is not None else 0.0,
             "prior_on": cfg.prior_on,
             "strength": strength,
+            "served": served(model, strength),
+            "population": "trained with every user's pairs"
+            if self.learner is not None
+            else "fixed at the start",
+            "best_epochs": self.progress.best_at or self.progress.epoch,
             "shrinkage_val": {
                 f"{s:g}": {k: m[k] for k in ("macro_accuracy", "loss", "calibrated_loss", "se")}
                 for s, m in sorted(tried.items())
@@ -370,6 +396,76 @@ class Trainer:
         return self.finish()
 
 
+def served(model, strength: float) -> str:
+    """What a trained model serves: ``"shared"`` (one reward), ``"population"`` (every user
+    shrunk all the way, κ = ∞) or ``"personal"``."""
+    if not model.adapter_config.personalized:
+        return "shared"
+    return "population" if strength == 0 else "personal"
+
+
+def _fit(model, train_data, val_data, cfg, output_dir, resume=False, prefix_cache=None, scale=None):
+    """One run, or with ``prior="auto"`` one run per τ of ``PRIOR_GRID`` (``search_prior``)."""
+    if cfg.prior == "auto":
+        if resume:
+            raise ValueError("--resume continues one run; with --prior auto start afresh")
+        return search_prior(_fit, model, train_data, val_data, cfg, output_dir, prefix_cache)
+    trainer = Trainer(model, train_data, val_data, cfg, output_dir, resume, prefix_cache, scale)
+    return trainer.run()
+
+
+def _refit(model, train_data, val_data, refit_data, cfg, output_dir, resume, prefix_cache):
+    """Choose on validation, then train again from the same start on ``refit_data`` with the
+    choices made: the epochs (``select_best``), the prior's τ (``prior="auto"``) and the
+    strength's scale. The choosing run lives in ``OUTPUT/select/``; the refit is the model."""
+    start, start_population = snapshot(model), model.population
+    out = Path(output_dir) if output_dir is not None else None
+    select = out / "select" if out is not None else None
+    done = select is not None and resume and (select / "sharelora.json").exists()
+    if done:  # --resume after the choosing run finished: its choices are on disk
+        chosen = json.loads((select / "sharelora.json").read_text())["training"]
+        val_metrics = json.loads((select / "val_metrics.json").read_text())
+    else:
+        if out is not None and PartialState().is_main_process:
+            clear_run_state(out)  # the choosing run is not resumed from OUTPUT's checkpoints
+        run = _fit(model, train_data, val_data, cfg, select, resume, prefix_cache)
+        chosen, val_metrics = run["summary"], run["val_metrics"]
+        prefix_cache = run["prefix_cache"]
+    model.set_trainable(start)
+    model.population = start_population
+    refit = replace(
+        cfg,
+        epochs=chosen["best_epochs"] if cfg.select_best else cfg.epochs,
+        prior=chosen["prior"],
+        select_best=False,
+    )
+    scale = None  # a fixed strength is the config's; "auto" repeats the chosen κ / median n
+    if cfg.strength == "auto":
+        scale = 1 / chosen["strength"] - 1 if chosen["strength"] else math.inf
+    again = resume and done and (out / "checkpoints" / "last").exists()
+    run = _fit(model, refit_data, None, refit, out, again, prefix_cache, scale)
+    summary = {
+        **run["summary"],
+        "config": asdict(cfg),
+        "validation": {
+            "pairs": len(val_data),
+            "seen_text_share": seen_share(val_data, train_data),
+            "selection_train_pairs": len(train_data),
+            "refit_pairs": len(refit_data),
+        },
+        "select": {k: chosen.get(k) for k in SELECTED},
+    }
+    if out is not None and PartialState().is_main_process:
+        model.save_pretrained(out, training=summary)
+        if val_metrics:
+            write_json(out / "val_metrics.json", val_metrics)
+    return {**run, "summary": summary, "val_metrics": val_metrics}
+
+
+# What the choosing run of a refit decided, kept in the refit's summary.
+SELECTED = ("best_epochs", "prior", "prior_search", "strength", "served", "shrinkage_val")
+
+
 def train(
     model,
     train_data: list[Comparison],
@@ -378,6 +474,7 @@ def train(
     output_dir: str | Path | None = None,
     resume: bool = False,
     prefix_cache: PrefixCache | None = None,
+    refit_data: list[Comparison] | None = None,
 ) -> dict:
     """Train ``model`` in place with the Bradley-Terry loss; returns ``{"summary",
     "val_metrics", "prefix_cache"}``.
@@ -386,18 +483,18 @@ def train(
     epoch, ``checkpoints/best`` on validation), the final model (the best on validation when
     there is one) and, with validation data, ``val_metrics.json``. ``resume`` continues from
     ``checkpoints/last`` exactly: weights, optimizer, schedule, RNG and data position.
+
+    With ``refit_data`` (every non-test pair, ``Splits.refit``), validation data and
+    ``config.refit``, the run chooses on ``train_data`` / ``val_data`` and then refits on
+    ``refit_data`` with the choices made (``_refit``).
     """
     config = config or TrainConfig()
-    if config.prior == "auto":
-        if model.adapter_config.personalized:
-            if resume:
-                raise ValueError("--resume continues one run; with --prior auto start afresh")
-            with run_lock(output_dir):
-                return search_prior(
-                    train, model, train_data, val_data, config, output_dir, prefix_cache
-                )
+    if config.prior == "auto" and not model.adapter_config.personalized:
         config = replace(config, prior=0.0)  # no user deviations to hold back
     # The lock: two runs writing one directory would corrupt it.
     with run_lock(output_dir), deterministic_mode(config.deterministic):
-        trainer = Trainer(model, train_data, val_data, config, output_dir, resume, prefix_cache)
-        return trainer.run()
+        if config.refit and val_data and refit_data:
+            return _refit(
+                model, train_data, val_data, refit_data, config, output_dir, resume, prefix_cache
+            )
+        return _fit(model, train_data, val_data, config, output_dir, resume, prefix_cache)

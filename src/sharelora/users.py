@@ -63,6 +63,12 @@ class UserVocab:
             ids.append(self._ids[key])
         return ids
 
+    def truncate(self, n: int) -> None:
+        """Forget every user from id ``n`` on (the last ones added)."""
+        for name in self._names[n:]:
+            del self._ids[name]
+        del self._names[n:]
+
     def __len__(self) -> int:
         return len(self._names)
 

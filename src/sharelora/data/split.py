@@ -29,9 +29,11 @@ class SplitConfig:
         val_by: how validation is carved from each user's non-test rows, so that it asks the
             test's question: ``"group"`` (whole groups, as the test), ``"text"`` (texts are
             held out: a pair of two held-out texts is validation, a pair of one held-out and
-            one training text is dropped, as a test of new texts is built), ``"row"`` (at
-            random) or ``"auto"``: ``text`` when a split column fixes the test, else
-            ``group`` when there is a group column, else ``row``.
+            one training text is left out of the selection fit, as a test of new texts is
+            built), ``"row"`` (at random) or ``"auto"``: ``group`` when there is a group
+            column and no split column, else ``text``. A reward model in RLHF scores texts it
+            never saw, so that is the question validation asks unless the data says otherwise;
+            a random carve over seen texts rewards memorising a user's verdict on a text.
     """
 
     val: float = 0.1
@@ -69,11 +71,15 @@ class Splits:
     test: list[Comparison]
     holdout: list[Comparison] = field(default_factory=list)  # every row of the held-out users
     manifest: dict = field(default_factory=dict)
+    # Every non-test row of the trained users (train, val and the pairs a text carve left out,
+    # capped at max_per_user): what the choices made on validation are refit on.
+    refit: list[Comparison] = field(default_factory=list)
 
     @property
     def users(self) -> list[str]:
-        """Training users, in first-appearance order of the training rows."""
-        return list(dict.fromkeys(c.user for c in self.train))
+        """Training users, in first-appearance order of the training rows (then of the refit
+        rows: a user whose every text a text carve held out still trains in the refit)."""
+        return list(dict.fromkeys(c.user for c in self.train + self.refit))
 
     def write_manifest(self, path: str | Path) -> None:
         from ..files import write_json
@@ -105,9 +111,9 @@ def resolve_val_by(rows: list[Comparison], cfg: SplitConfig) -> str:
         raise DataError("--val-by group needs a group column (--group-col)")
     if cfg.val_by != "auto":
         return cfg.val_by
-    if any(c.split is not None for c in rows):
-        return "text"
-    return "group" if grouped else "row"
+    if grouped and not any(c.split is not None for c in rows):
+        return "group"
+    return "text"
 
 
 def _split_user(rows: list[Comparison], cfg: SplitConfig, user: str, val_by: str) -> dict:
@@ -181,10 +187,11 @@ def split_per_user(data: list[Comparison], config: SplitConfig | None = None) ->
     seeded hash, so one item never sits in two splits. With a split column
     (``Comparison.split``, ``--split-col``) the data's own ``test`` rows are the test split and
     ``val`` is carved from the rest (by group when there is one). Without either, each user's
-    rows are shuffled and cut at the fractions. A user left with no training row (every one of
-    their groups drawn into val/test) is dropped from all splits and listed in the manifest
+    rows are shuffled and cut at the fractions. A user left with no row outside the test (every
+    one of their groups drawn into test) is dropped from all splits and listed in the manifest
     under ``dropped_without_training_rows``. Under ``val_by="text"`` the pairs that join a
-    held-out and a training text are in no split (counted in ``sizes``).
+    held-out and a training text are in neither train nor val (counted in ``sizes``); like every
+    non-test row they are in ``refit``, what training refits on once validation has chosen.
     """
     cfg = config or SplitConfig()
     by_user: dict[str, list[Comparison]] = collections.defaultdict(list)
@@ -203,22 +210,26 @@ def split_per_user(data: list[Comparison], config: SplitConfig | None = None) ->
     rng = random.Random(cfg.seed)
     holdout = sorted(rng.sample(sorted(users), cfg.holdout_users)) if cfg.holdout_users else []
     parts: dict[str, list[Comparison]] = {"train": [], "val": [], "test": []}
-    counts, untrained, dropped = {}, {}, 0
+    counts, untrained, dropped, refit = {}, {}, 0, []
     val_by = resolve_val_by([c for u in users for c in by_user[u]], cfg)
     for user in users:
         if user in holdout:
             continue
         mine = _split_user(by_user[user], cfg, user, val_by)
-        dropped += len(mine.pop("dropped", []))
+        between = mine.pop("dropped", [])
+        dropped += len(between)
+        everything = mine["train"] + mine["val"] + between
         if cfg.max_per_user is not None:
             mine["train"] = mine["train"][: cfg.max_per_user]
-        if not mine["train"]:
-            # Every group of this user fell in val/test: a model cannot score a user it never
+            everything = everything[: cfg.max_per_user]
+        if not everything:
+            # Every group of this user fell in test: a model cannot score a user it never
             # trained, so the user is dropped (and counted) rather than failing evaluation.
             untrained[user] = {part: len(rows_) for part, rows_ in mine.items()}
             continue
         for part, rows_ in mine.items():
             parts[part].extend(rows_)
+        refit.extend(everything)
         counts[user] = {part: len(rows_) for part, rows_ in mine.items()}
     held = [c for u in holdout for c in by_user[u]]
     manifest = {
@@ -238,4 +249,4 @@ def split_per_user(data: list[Comparison], config: SplitConfig | None = None) ->
             f"no user has a training comparison after the split ({len(untrained)} users had "
             "all their groups in val/test); lower --val/--test or check --group-col"
         )
-    return Splits(parts["train"], parts["val"], parts["test"], held, manifest)
+    return Splits(parts["train"], parts["val"], parts["test"], held, manifest, refit)
