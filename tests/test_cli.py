@@ -83,6 +83,21 @@ def test_train_writes_the_contract(trained):
     assert set(metrics["users"]["sunny"]) == {"accuracy", "loss", "calibrated_loss", "n"}
     assert 0 <= metrics["macro_accuracy"] <= 1 and 0 <= metrics["micro_accuracy"] <= 1
     assert (trained / "checkpoints" / "last" / "trainer_state.json").exists()
+    # A personalized run starts from a shared model it trains first, on the same split, and
+    # chooses on a text carve in select/ before its refit on every non-test pair.
+    training = config["training"]
+    assert json.loads((trained / "shared" / "sharelora.json").read_text())["adapter"][
+        "method"
+    ] == "shared" and training["config"]["init_from"] == str(trained / "shared")
+    assert (trained / "select" / "sharelora.json").exists() and training["select"]["served"]
+    split = json.loads((trained / "split.json").read_text())
+    assert split["val_by"] == "text" and training["validation"]["seen_text_share"] == 0.0
+    assert (
+        training["train_pairs"]
+        == split["sizes"]["train"]
+        + split["sizes"]["val"]
+        + split["sizes"]["dropped_between_train_and_val"]
+    )
     log = [json.loads(line) for line in (trained / "train_log.jsonl").read_text().splitlines()]
     assert {"loss", "accuracy", "lr"} <= set(log[0])
 
@@ -455,3 +470,25 @@ def test_train_tests_on_a_separate_file(tiny_text_backbone, data_file, tmp_path)
     assert metrics["n"] == 6 and set(metrics["users"]) == {"sunny", "rainy"}
     split = json.loads((out / "split.json").read_text())
     assert split["sizes"]["test"] == 0  # nothing carved: the file is the test set
+
+
+def test_eval_scores_unknown_users_with_the_population_on_request(trained, tmp_path, capsys):
+    rows = [{"prompt": "q?", "chosen": "yes a", "rejected": "no b", "user": "stranger"}]
+    data = _write_data(tmp_path / "new.jsonl", rows)
+    assert main(["eval", "--model", str(trained), "--data", data]) == 2
+    assert "--unknown-user population" in capsys.readouterr().err
+    out = tmp_path / "m.json"
+    argv = ["eval", "--model", str(trained), "--data", data, "--output", str(out)]
+    assert main([*argv, "--unknown-user", "population"]) == 0
+    assert "1 user(s) the model was not trained on (1 rows)" in capsys.readouterr().err
+    assert json.loads(out.read_text())["unknown_users"] == {
+        "policy": "population",
+        "users": 1,
+        "rows": 1,
+    }
+
+
+def test_train_from_shared_and_init_from_exclude_each_other(tmp_path, capsys):
+    argv = ["train", "--data", "builtin:demo", "--output", str(tmp_path / "o")]
+    assert main([*argv, "--init-from", str(tmp_path), "--from-shared"]) == 2
+    assert "drop --from-shared" in capsys.readouterr().err

@@ -226,3 +226,41 @@ def test_a_warmup_trains_the_population_and_leaves_every_deviation_at_zero(tiny_
     # So validation in the warm-up, routed to user 0, scores the population: Δ_0 = 0.
     warm = trainer.evaluate("w", epoch=0)
     assert warm == trainer.evaluate("p", epoch=1)
+
+
+def _metrics(loss: float, spread: float = 0.0) -> dict:
+    users = {f"u{i}": {"calibrated_loss": loss + spread * (-1) ** i, "n": 10} for i in range(6)}
+    return {"calibrated_loss": loss, "macro_accuracy": 1 - loss, "loss": loss, "users": users}
+
+
+@pytest.mark.parametrize("start_loss,served", [(0.50, "start"), (0.70, "trained population")])
+def test_the_better_fallback_of_the_start_and_the_trained_population_is_served(
+    tiny_text_backbone, start_loss, served
+):
+    from sharelora.strength import apply_strength
+
+    model = _model(tiny_text_backbone)
+    start = {k: torch.randn_like(v) for k, v in population.of(model).items()}
+    for table in model.user_parameters():
+        torch.nn.init.normal_(table)
+    model.population = {k: torch.randn_like(v) for k, v in population.of(model).items()}
+    learned = model.population
+    # Personal validation no better than a fallback beyond noise: the population is served.
+    losses = {"shrinkage inf": 0.60, "start": start_loss}
+
+    def evaluate_val(tag):  # per user the fallbacks gain where the personal model loses
+        return _metrics(losses[tag], -0.2) if tag in losses else _metrics(0.59, 0.2)
+
+    gamma, metrics, tried = apply_strength(
+        model, "auto", _metrics(0.59, 0.2), evaluate_val, torch.tensor([5, 5]), start=start
+    )
+    assert gamma == 0.0 and metrics["gate"]["gain"] == pytest.approx(min(start_loss, 0.6) - 0.59)
+    want = start if served == "start" else learned
+    assert ("start" in tried) == (served == "start")
+    tables = population._user_tables(model)
+    for name, tensor in model.trainable_state_dict().items():
+        if name in tables:
+            torch.testing.assert_close(tensor, want[name].expand_as(tensor), rtol=0, atol=0)
+        elif served == "start":  # the start is a whole model: its shared tensors too
+            torch.testing.assert_close(tensor, start[name], rtol=0, atol=0)
+    assert (model.population is start) == (served == "start")

@@ -38,6 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train one personalized reward model")
     add_data(p), add_split(p), add_model(p), add_train(p)
+    p.add_argument(
+        "--from-shared",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="for a personalized method, train the shared model first (OUTPUT/shared) and start "
+        "every user from it; validation can fall back to it (default unless --init-from gives "
+        "one; --no-from-shared: start from the backbone)",
+    )
     p.add_argument("--output", required=True)
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoints/last")
     p.add_argument(

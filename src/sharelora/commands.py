@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 from .config import AdapterConfig, TrainConfig, UsageError
@@ -86,11 +86,13 @@ def cmd_train(args) -> None:
     from .train import train
 
     adapter, cfg = _adapter_config(args), _train_config(args)
+    if args.from_shared and cfg.init_from:
+        raise UsageError("--init-from starts from a shared model already: drop --from-shared")
+    from_shared = not cfg.init_from if args.from_shared is None else args.from_shared
     splits = _split(args, _read(args))
     out = Path(args.output)
-    # The lock comes before the first file this run writes (split.json); train() takes it again.
-    with run_lock(out):
-        splits.write_manifest(out / "split.json")
+
+    def fit(adapter, cfg, where):
         torch.manual_seed(cfg.seed)  # the adapters' initial draw is part of the run's seed
         model = PersonalizedRewardModel.from_backbone(
             args.backbone,
@@ -101,9 +103,23 @@ def cmd_train(args) -> None:
             max_length=cfg.max_length,
         )
         _log(f"parameters: {json.dumps(model.parameter_report())}")
-        result = train(
-            model, splits.train, splits.val, cfg, out, args.resume, refit_data=splits.refit
+        run = train(
+            model, splits.train, splits.val, cfg, where, args.resume, refit_data=splits.refit
         )
+        return model, run
+
+    # The lock comes before the first file this run writes (split.json); train() takes it again.
+    with run_lock(out):
+        splits.write_manifest(out / "split.json")
+        if from_shared and adapter.personalized:
+            # The shared model first, on the same split: every user starts from it, and it is
+            # a fallback validation can choose (the population trained from it is the other).
+            shared = out / "shared"
+            if not (args.resume and (shared / "sharelora.json").exists()):
+                _log(f"training the shared model every user starts from -> {shared}")
+                fit(replace(adapter, method="shared"), cfg, shared)
+            cfg = replace(cfg, init_from=str(shared))
+        model, result = fit(adapter, cfg, out)
         if splits.test:
             metrics = evaluate(
                 model, splits.test, seed=cfg.seed, prefix_cache=result["prefix_cache"]

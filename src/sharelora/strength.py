@@ -108,16 +108,32 @@ def _shrink(model, base: dict, personal: dict, scale: float, counts: torch.Tenso
     pop.lerp(model, base, personal, 1 / (1 + scale), user_weights(counts, kappa))
 
 
-def apply_scale(model, scale: float, counts: torch.Tensor) -> float:
+def apply_scale(model, scale: float, counts: torch.Tensor, start: dict | None = None) -> float:
     """Shrink ``model`` at a scale chosen before (a refit repeats validation's choice with its
-    own counts ``[N]``); returns the median user's γ."""
+    own counts ``[N]``); ``scale=None`` serves ``start`` instead. Returns the median user's
+    γ."""
+    if scale is None:
+        _serve_start(model, start)
+        return 0.0
     if model.adapter_config.personalized and scale:
         _shrink(model, pop.of(model), snapshot(model), scale, counts)
     return 1 / (1 + scale)
 
 
+def _serve_start(model, start: dict) -> None:
+    """Every tensor back at the start (a trained shared model), which becomes the population."""
+    pop.assign(model, start)
+    model.population = start
+
+
 def apply_strength(
-    model, strength, val_metrics, evaluate_val, counts: torch.Tensor, rule: str = "lowest"
+    model,
+    strength,
+    val_metrics,
+    evaluate_val,
+    counts: torch.Tensor,
+    rule: str = "lowest",
+    start: dict | None = None,
 ):
     """Set ``model`` to its strength; returns ``(γ of the median user, validation metrics
     there, {κ/median n: validation metrics} of every scale tried)``; each tried scale's metrics
@@ -127,6 +143,11 @@ def apply_strength(
     ``"one-se"``, then ``population_gate``) or a number γ for every user. ``val_metrics`` are
     those of the model as it is (κ = 0); ``evaluate_val(tag)`` evaluates the model in its
     current state; ``counts`` are the training comparisons of every user ``[N]``.
+
+    ``start`` (a population dict: the trained shared model training started from) is one more
+    fallback: where its validation loss is below the trained population's, the gate compares
+    the personal choice with it, and serving the population serves it (its ``tried`` key is
+    ``"start"``; the returned γ is then 0 and ``model.population`` the start).
     """
     if not model.adapter_config.personalized or strength == 1:
         return 1.0, val_metrics, {}
@@ -143,8 +164,21 @@ def apply_strength(
         _shrink(model, base, personal, scale, counts)
         tried[scale] = evaluate_val(f"shrinkage {scale:g}")
     chosen, se = choose_scale(tried, rule)
-    chosen, gate = population_gate(tried, chosen)
+    fallback = None  # None: the trained population
+    if start is not None:
+        pop.assign(model, start)
+        at_start = evaluate_val("start")
+        if at_start["calibrated_loss"] < tried[math.inf]["calibrated_loss"]:
+            fallback = at_start
+    options = tried if fallback is None else {**tried, math.inf: fallback}
+    chosen, gate = population_gate(options, chosen)
     tried = {s: {**m, "se": se[s]} for s, m in tried.items()}
+    if fallback is not None:
+        tried["start"] = fallback
+    if fallback is not None and math.isinf(chosen):
+        _serve_start(model, start)
+        tried["start"]["gate"] = gate
+        return 0.0, tried["start"], tried
     tried[chosen]["gate"] = gate
     _shrink(model, base, personal, chosen, counts)
     return 1 / (1 + chosen), tried[chosen], tried

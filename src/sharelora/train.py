@@ -103,6 +103,8 @@ class Trainer:
                 for p in model.shared_parameters():
                     p.requires_grad_(False)
         self.train_pairs = len(train_data)  # the users' own (the learner's copies come next)
+        # A trained shared start is one more fallback at the end (strength.apply_strength).
+        self.start = population.of(model) if cfg.init_from else None
         self.learner = None  # the id of the population while it trains as one more user
         if cfg.train_population and model.adapter_config.personalized:
             self.learner = population.add_learner(model, cfg.user_lr_scale)
@@ -345,10 +347,17 @@ class Trainer:
             self.user_counts = self.user_counts[: self.learner]
         metrics = metrics or self.evaluate("final")
         if self.scale is not None:  # a refit: validation chose the scale before
-            strength, tried = apply_scale(model, self.scale, self.user_counts), {}
+            scale = None if self.scale == "start" else self.scale
+            strength, tried = apply_scale(model, scale, self.user_counts, self.start), {}
         else:
             strength, metrics, tried = apply_strength(
-                model, cfg.strength, metrics, self.evaluate, self.user_counts, cfg.strength_rule
+                model,
+                cfg.strength,
+                metrics,
+                self.evaluate,
+                self.user_counts,
+                cfg.strength_rule,
+                self.start,
             )
         summary = {
             "config": asdict(cfg),
@@ -374,9 +383,13 @@ class Trainer:
             if self.learner is not None
             else "fixed at the start",
             "best_epochs": self.progress.best_at or self.progress.epoch,
+            # What serving the population serves: the trained one, or the start it beat.
+            "fallback": "start" if "start" in tried else "trained population",
             "shrinkage_val": {
-                f"{s:g}": {k: m[k] for k in ("macro_accuracy", "loss", "calibrated_loss", "se")}
-                for s, m in sorted(tried.items())
+                (s if isinstance(s, str) else f"{s:g}"): {
+                    k: m.get(k) for k in ("macro_accuracy", "loss", "calibrated_loss", "se")
+                }
+                for s, m in tried.items()
             },
             "parameters": model.parameter_report(),
         }
@@ -442,6 +455,8 @@ def _refit(model, train_data, val_data, refit_data, cfg, output_dir, resume, pre
     scale = None  # a fixed strength is the config's; "auto" repeats the chosen κ / median n
     if cfg.strength == "auto":
         scale = 1 / chosen["strength"] - 1 if chosen["strength"] else math.inf
+        if chosen["served"] == "population" and chosen.get("fallback") == "start":
+            scale = "start"  # the refit serves the shared model it started from
     again = resume and done and (out / "checkpoints" / "last").exists()
     run = _fit(model, refit_data, None, refit, out, again, prefix_cache, scale)
     summary = {
@@ -463,7 +478,15 @@ def _refit(model, train_data, val_data, refit_data, cfg, output_dir, resume, pre
 
 
 # What the choosing run of a refit decided, kept in the refit's summary.
-SELECTED = ("best_epochs", "prior", "prior_search", "strength", "served", "shrinkage_val")
+SELECTED = (
+    "best_epochs",
+    "prior",
+    "prior_search",
+    "strength",
+    "served",
+    "fallback",
+    "shrinkage_val",
+)
 
 
 def train(
