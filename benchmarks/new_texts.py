@@ -80,7 +80,7 @@ def jester_files(k: int, n: int, seed: int):
 
 def ukp_files(k: int, n: int, seed: int):
     source = DATA / "ukp-convarg1" / "pairs.jsonl.gz"
-    rows, _ = read_preferences(source, Columns(group="pair_id"))
+    rows, _ = read_preferences(source, Columns(group="pair_id"), on_bad_rows="skip")
     splits = split_per_user(rows, SplitConfig(val=0.0, test=0.2, seed=seed, top_users=k))
     by_user: dict[str, list] = {}
     for c in splits.train:

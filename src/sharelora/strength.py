@@ -144,10 +144,10 @@ def apply_strength(
     those of the model as it is (κ = 0); ``evaluate_val(tag)`` evaluates the model in its
     current state; ``counts`` are the training comparisons of every user ``[N]``.
 
-    ``start`` (a population dict: the trained shared model training started from) is one more
-    fallback: where its validation loss is below the trained population's, the gate compares
-    the personal choice with it, and serving the population serves it (its ``tried`` key is
-    ``"start"``; the returned γ is then 0 and ``model.population`` the start).
+    ``start`` (a population dict: the trained shared model training started from) is the
+    fallback unless the trained population beats it as ``population_gate`` asks a personal
+    model to. The gate then compares the personal choice with that fallback; serving the start
+    returns γ = 0, its metrics under ``tried["start"]``, and sets ``model.population`` to it.
     """
     if not model.adapter_config.personalized or strength == 1:
         return 1.0, val_metrics, {}
@@ -166,9 +166,11 @@ def apply_strength(
     chosen, se = choose_scale(tried, rule)
     fallback = None  # None: the trained population
     if start is not None:
+        # The start (a trained shared model) is the fallback unless the trained population
+        # beats it by the gate's margin too: no extra training that validation cannot show.
         pop.assign(model, start)
         at_start = evaluate_val("start")
-        if at_start["calibrated_loss"] < tried[math.inf]["calibrated_loss"]:
+        if math.isinf(population_gate({0.0: tried[math.inf], math.inf: at_start}, 0.0)[0]):
             fallback = at_start
     options = tried if fallback is None else {**tried, math.inf: fallback}
     chosen, gate = population_gate(options, chosen)
