@@ -96,8 +96,11 @@ def write_jsonl(path: Path, rows) -> None:
     path.write_text("".join(json.dumps(_rows(c)) + "\n" for c in rows))
 
 
-def sharelora(*argv: str) -> float:
+def sharelora(*argv: str, src: str | None = None) -> float:
+    """Run one ``sharelora`` command offline (the code under ``src`` when given); its seconds."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    if src:
+        env["PYTHONPATH"] = src
     started = time.time()
     quiet = ["--no-progress"] if argv[0] == "train" else []
     cmd = [sys.executable, "-m", "sharelora.cli", *argv, *quiet]

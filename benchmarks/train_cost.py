@@ -12,27 +12,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-from new_texts import jester_files, write_jsonl
+from new_texts import jester_files, sharelora, write_jsonl
 
 
 def run(src: str | None, data: Path, out: Path, method: str) -> float:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    if src:
-        env["PYTHONPATH"] = src
-    cmd = [sys.executable, "-m", "sharelora.cli", "train", "--data", str(data),
-           "--output", str(out), "--method", method, "--top-layers", "1", "--test", "0",
-           "--no-progress"]  # fmt: skip
-    started = time.time()
-    subprocess.run(cmd, env=env, check=True, capture_output=True)
-    return time.time() - started
+    return sharelora("train", "--data", str(data), "--output", str(out), "--method", method,
+                     "--top-layers", "1", "--test", "0", src=src)  # fmt: skip
 
 
 def main() -> None:
