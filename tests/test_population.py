@@ -10,11 +10,12 @@ import pytest
 import torch
 from conftest import opposite_tastes
 
+import sharelora.train as train_module
 from sharelora import AdapterConfig, PersonalizedRewardModel, population
 from sharelora.config import METHODS
 from sharelora.data import Comparison, SplitConfig, split_per_user
 from sharelora.evaluate import evaluate
-from sharelora.strength import population_gate
+from sharelora.strength import apply_scale, population_gate
 from sharelora.train import TrainConfig, Trainer, train
 
 PERSONAL = [m for m in METHODS if m != "shared"]
@@ -191,6 +192,34 @@ def test_refit_repeats_validations_choices_on_every_pair(tiny_text_backbone, tmp
         torch.testing.assert_close(got, want[name], rtol=0, atol=0)
     saved = json.loads((tmp_path / "a" / "sharelora.json").read_text())["training"]
     assert saved["select"]["best_epochs"] == chosen and saved["config"]["refit"] is True
+
+
+def test_a_refit_that_serves_the_start_takes_no_step(tiny_text_backbone, tmp_path, monkeypatch):
+    shared = tmp_path / "shared"
+    train(_model(tiny_text_backbone, "shared"), opposite_tastes(12), None, _cfg(), shared)
+    real = train_module.apply_strength
+
+    def start_wins(model, strength, metrics, evaluate_val, counts, rule, start):
+        real(model, strength, metrics, evaluate_val, counts, rule, start)
+        apply_scale(model, None, counts, start)  # as if the gate found the start best
+        return 0.0, metrics, {"start": metrics}
+
+    monkeypatch.setattr(train_module, "apply_strength", start_wins)
+    data = opposite_tastes(12)
+    splits = split_per_user(data, SplitConfig(val=0.25, test=0.0, seed=0))
+    model = _model(tiny_text_backbone)
+    cfg = _cfg(init_from=str(shared))
+    summary = train(model, splits.train, splits.val, cfg, tmp_path / "a", refit_data=splits.refit)
+    summary = summary["summary"]
+    assert summary["select"]["fallback"] == "start" and summary["fallback"] == "start"
+    assert summary["steps"] == 0 and summary["served"] == "population"
+    want = _model(tiny_text_backbone)
+    population.assign(
+        want, population.from_shared(want, PersonalizedRewardModel.from_pretrained(shared))
+    )
+    want = want.trainable_state_dict()
+    for name, got in model.trainable_state_dict().items():
+        torch.testing.assert_close(got, want[name], rtol=0, atol=0)
 
 
 def test_a_text_carve_keeps_every_pair_for_the_refit():

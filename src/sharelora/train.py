@@ -384,7 +384,9 @@ class Trainer:
             else "fixed at the start",
             "best_epochs": self.progress.best_at or self.progress.epoch,
             # What serving the population serves: the trained one, or the start it beat.
-            "fallback": "start" if "start" in tried else "trained population",
+            "fallback": "start"
+            if self.scale == "start" or "start" in tried
+            else "trained population",
             "shrinkage_val": {
                 (s if isinstance(s, str) else f"{s:g}"): {
                     k: m.get(k) for k in ("macro_accuracy", "loss", "calibrated_loss", "se")
@@ -446,19 +448,22 @@ def _refit(model, train_data, val_data, refit_data, cfg, output_dir, resume, pre
         prefix_cache = run["prefix_cache"]
     model.set_trainable(start)
     model.population = start_population
+    scale = None  # a fixed strength is the config's; "auto" repeats the chosen κ / median n
+    if cfg.strength == "auto":
+        scale = 1 / chosen["strength"] - 1 if chosen["strength"] else math.inf
+        if chosen["served"] == "population" and chosen.get("fallback") == "start":
+            scale = "start"  # the refit serves the shared model it started from
     refit = replace(
         cfg,
         epochs=chosen["best_epochs"] if cfg.select_best else cfg.epochs,
         prior=chosen["prior"],
         select_best=False,
     )
-    scale = None  # a fixed strength is the config's; "auto" repeats the chosen κ / median n
-    if cfg.strength == "auto":
-        scale = 1 / chosen["strength"] - 1 if chosen["strength"] else math.inf
-        if chosen["served"] == "population" and chosen.get("fallback") == "start":
-            scale = "start"  # the refit serves the shared model it started from
     again = resume and done and (out / "checkpoints" / "last").exists()
-    run = _fit(model, refit_data, None, refit, out, again, prefix_cache, scale)
+    if scale == "start":  # serving the start needs no training: finish without a step
+        run = Trainer(model, refit_data, None, refit, out, False, prefix_cache, scale).finish()
+    else:
+        run = _fit(model, refit_data, None, refit, out, again, prefix_cache, scale)
     summary = {
         **run["summary"],
         "config": asdict(cfg),
