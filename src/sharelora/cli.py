@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from .config import DEFAULT_BACKBONE, METHODS, USER_STATES, UsageError
-from .flags import add_data, add_model, add_split, add_train
+from .flags import BACKBONE_HELP, add_data, add_model, add_split, add_train
 
 # Embedded demo defaults: MiniLM with adapters in its top block, so that the frozen blocks
 # below are cached once per text and the whole comparison fits a laptop CPU (see README).
@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="parameter and memory budget per method, from the config")
     p.add_argument("--users", type=int, required=True, help="number of users N")
-    p.add_argument("--backbone", default=DEFAULT_BACKBONE, help="hub id or local directory")
+    p.add_argument("--backbone", default=DEFAULT_BACKBONE, help=BACKBONE_HELP)
     p.add_argument("--method", choices=list(METHODS), default="sharelora")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--targets", help="module-name suffixes (default: per architecture)")

@@ -102,7 +102,7 @@ def cmd_train(args) -> None:
             trust_remote_code=args.trust_remote_code,
             max_length=cfg.max_length,
         )
-        _log(f"parameters: {json.dumps(model.parameter_report())}")
+        _log(f"parameters: {json.dumps(model.parameter_report())}; score head {model.head_init}")
         run = train(
             model, splits.train, splits.val, cfg, where, args.resume, refit_data=splits.refit
         )

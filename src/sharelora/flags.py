@@ -22,6 +22,11 @@ from .config import (
     TrainConfig,
 )
 
+BACKBONE_HELP = (
+    "hub id, local directory, or .gguf file (or a directory holding one; ORG/REPO/FILE.gguf "
+    "on the hub): a sequence-classification checkpoint keeps its score head"
+)
+
 
 def add_data(p: argparse.ArgumentParser, data_required: bool = True) -> None:
     g = p.add_argument_group("data")
@@ -78,7 +83,7 @@ def add_split(p: argparse.ArgumentParser) -> None:
 
 def add_model(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--backbone", default=DEFAULT_BACKBONE, help="hub id or local directory")
+    g.add_argument("--backbone", default=DEFAULT_BACKBONE, help=BACKBONE_HELP)
     g.add_argument("--revision", help="hub revision of the backbone")
     g.add_argument("--trust-remote-code", action="store_true")
     g.add_argument("--method", choices=list(METHODS), default="sharelora")

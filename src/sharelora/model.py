@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -25,6 +26,10 @@ CONFIG_FILE = "sharelora.json"
 USERS_FILE = "users.json"
 WEIGHTS_FILE = "adapters.safetensors"
 POPULATION_FILE = "population.safetensors"
+
+
+HEAD_KEPT = "kept from the checkpoint: the model starts as that reward model"
+HEAD_NEW = "new: the checkpoint has no score head, initialized as transformers does"
 
 
 class ModelFormatError(ValueError):
@@ -73,6 +78,8 @@ class PersonalizedRewardModel(nn.Module):
         self.backbone_name = backbone_name or getattr(backbone.config, "_name_or_path", "") or None
         self.revision = revision
         self.max_length = max_length
+        # Where the score head's weights came from (``from_backbone`` knows; None otherwise).
+        self.head_init: str | None = None
         # The population model when training set one (sharelora.population); None: the mean.
         self.population: dict[str, torch.Tensor] | None = None
         self.router = UserRouter(len(users))
@@ -103,7 +110,7 @@ class PersonalizedRewardModel(nn.Module):
     @classmethod
     def from_backbone(
         cls,
-        backbone: str | nn.Module,
+        backbone: str | os.PathLike | nn.Module,
         users: Iterable[object] | UserVocab,
         adapter: AdapterConfig | None = None,
         tokenizer=None,
@@ -112,10 +119,17 @@ class PersonalizedRewardModel(nn.Module):
         dtype=None,
         max_length: int = 512,
     ) -> PersonalizedRewardModel:
-        """Build from a hub id, a local directory, or an already-built transformers model."""
-        if isinstance(backbone, str):
+        """Build from a hub id, a local directory or ``.gguf`` file (``sharelora.backbone``), or
+        an already-built transformers model."""
+        if isinstance(backbone, (str, os.PathLike)):
+            backbone = os.fspath(backbone)
             model, tok, new = load_backbone(backbone, revision, trust_remote_code, dtype)
-            return cls(model, users, adapter, tokenizer or tok, backbone, revision, max_length, new)
+            obj = cls(model, users, adapter, tokenizer or tok, backbone, revision, max_length, new)
+            heads = head_module_names(model)
+            fresh = any(name.split(".")[0] in heads for name in new)
+            # A reward model's trained head is kept: the population starts as that model.
+            obj.head_init = HEAD_NEW if fresh else HEAD_KEPT
+            return obj
         return cls(backbone, users, adapter, tokenizer, None, revision, max_length)
 
     @property

@@ -394,6 +394,7 @@ class Trainer:
                 for s, m in tried.items()
             },
             "parameters": model.parameter_report(),
+            "head": model.head_init,
         }
         if out is not None and acc.is_main_process:
             model.save_pretrained(out, training=summary)
