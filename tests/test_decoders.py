@@ -10,8 +10,14 @@ from conftest import randomize
 from gguf_tiny import TEMPLATE, write_tiny_gguf
 from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
-from sharelora import AdapterConfig, PersonalizedRewardModel
-from sharelora.backbone import BackboneError, gguf_location, load_backbone
+from sharelora import AdapterConfig, PersonalizedRewardModel, backbone
+from sharelora.backbone import (
+    SMOLLM2,
+    BackboneError,
+    gguf_location,
+    load_backbone,
+    resolve_backbone,
+)
 from sharelora.data.collate import PairTokenizer
 from sharelora.model import HEAD_KEPT, HEAD_NEW
 from sharelora.render import render
@@ -59,6 +65,15 @@ def test_a_gguf_file_loads_dense_as_the_model_it_holds(gguf_file, tmp_path):
 )
 def test_a_hub_gguf_is_named_by_its_repo_and_file(name, want):
     assert gguf_location(name) == want
+
+
+def test_smollm2_names_the_packaged_file_or_else_the_hub(monkeypatch, tmp_path):
+    monkeypatch.setattr(backbone, "_package_dir", lambda package: None)
+    assert resolve_backbone("smollm2") == SMOLLM2  # not installed: the hub id
+    monkeypatch.setattr(backbone, "_package_dir", lambda package: str(tmp_path))
+    (tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf").write_bytes(b"")
+    where = gguf_location(resolve_backbone("smollm2"))
+    assert where == (str(tmp_path), "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def test_a_directory_holding_one_gguf_loads_it_and_two_need_a_choice(gguf_file, tmp_path):

