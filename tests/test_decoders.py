@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import randomize
 from gguf_tiny import TEMPLATE, write_tiny_gguf
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
 from sharelora import AdapterConfig, PersonalizedRewardModel, backbone
@@ -20,6 +21,7 @@ from sharelora.backbone import (
 )
 from sharelora.data.collate import PairTokenizer
 from sharelora.model import HEAD_KEPT, HEAD_NEW
+from sharelora.plan import parameter_counts
 from sharelora.render import render
 from sharelora.score import score_texts
 from sharelora.trl import PersonalizedReward
@@ -189,3 +191,37 @@ def test_chat_messages_render_with_the_files_own_template_everywhere(gguf_file, 
     want = score_texts(model, [prompt], [answer], ["b"])
     trl = PersonalizedReward(str(tmp_path / "m"))  # TRL's GRPO reward function
     assert trl(prompts=[prompt], completions=[answer], completion_ids=[[1]], user=["b"]) == want
+
+
+class _BmmDtypes(TorchDispatchMode):
+    """Records the dtypes of every batched matmul that runs under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[torch.dtype] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.bmm.default:
+            self.seen.append(args[0].dtype)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("method", ["sharelora", "core", "head"])
+def test_under_bf16_autocast_the_tables_stay_fp32_and_the_gathered_bmm_runs_in_bf16(
+    gguf_file, method
+):
+    model = _model(gguf_file[0], method).train()
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    with torch.autocast("cpu", dtype=torch.bfloat16), _BmmDtypes() as seen:
+        rewards = model(ids, torch.ones_like(ids), user_ids=torch.tensor([0, 1]))
+    rewards.sum().backward()
+    assert seen.seen and set(seen.seen) == {torch.bfloat16}  # the per-user products
+    for table in model.user_parameters():
+        assert table.dtype == table.grad.dtype == torch.float32  # Adam steps fp32 rows
+
+
+def test_plan_reads_a_gguf_files_shapes(gguf_file):
+    counts = parameter_counts(str(gguf_file[0]), AdapterConfig(rank=2))
+    model = PersonalizedRewardModel.from_backbone(gguf_file[0], ["u"], AdapterConfig(rank=2))
+    report = model.parameter_report()
+    assert counts["frozen"] == report["frozen"] and counts["per_user"] == report["per_user"]

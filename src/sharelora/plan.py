@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
-from .backbone import BackboneError, resolve_backbone
+from .backbone import BackboneError, gguf_location, resolve_backbone
 from .config import METHODS, AdapterConfig
 
 GiB = 1024**3
@@ -22,9 +22,11 @@ def parameter_counts(
     ``backbone`` (``user_tables``: how many per-user tables, one row each per user)."""
     from .model import PersonalizedRewardModel
 
+    path, gguf_file = gguf_location(resolve_backbone(backbone))
+    where = {"gguf_file": gguf_file} if gguf_file else {}  # a GGUF file's metadata is its config
     try:
         config = AutoConfig.from_pretrained(
-            resolve_backbone(backbone), num_labels=1, trust_remote_code=trust_remote_code
+            path, num_labels=1, trust_remote_code=trust_remote_code, **where
         )
     except (OSError, ValueError) as err:
         raise BackboneError(
