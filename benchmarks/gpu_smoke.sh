@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # GPU smoke check for one CUDA device (about 5 minutes on an H100): the main job, a personal
 # stage from a shared model with the strength chosen on validation, a SIGKILL mid-run then
-# --resume, deterministic reruns, and both exports. One PASS or FAIL line per check; the exit
-# code is the number of failures. Logs go to $OUT/smoke/*.log. SMOKE_ALLOW_CPU=1 runs the same
-# checks on a machine without CUDA (to check the script itself).
+# --resume, deterministic reruns, both exports, and SmolLM2's step time against PEFT LoRA.
+# One PASS or FAIL line per check; the exit code is the number of failures. Logs go to
+# $OUT/smoke/*.log. SMOKE_ALLOW_CPU=1 runs the same checks on a machine without CUDA (to check
+# the script itself).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:=out}"
@@ -93,6 +94,11 @@ with torch.no_grad():
 print("model", want.tolist(), "merged", got.tolist())
 assert torch.allclose(got.float().cpu(), want, atol=1e-3)
 EOF
+
+# A real decoder's shape: SmolLM2-135M, bf16, adapters in the top 4 blocks, 10^4 users, step
+# time against PEFT LoRA on the same blocks and peak memory (PASS within its budget).
+check smollm2-vs-peft python benchmarks/gpu_smollm2.py --quick --json "$W/smollm2.json"
+tail -n 5 "$W/smollm2-vs-peft.log" | sed 's/^/    /'
 
 echo "$fails failure(s)"
 exit "$fails"
