@@ -8,6 +8,14 @@ Endpoints:
   Each response is its query with the prompt removed from the front.
 - ``POST /score`` — ``{"prompts"?: [...], "responses": [...], "users": [...]}`` →
   ``{"rewards": [...], "truncated": [...]}``. Texts may be chat messages.
+- ``POST /classify`` — vLLM's classification API, which verl's reward loop calls:
+  ``{"model": USER, "input": text or [texts], "activation": false}`` →
+  ``{"id", "object": "list", "created", "model", "data": [{"index", "label", "probs": [r],
+  "num_classes": 1}], "usage"}``. ``model`` names the user (vLLM names LoRA adapters there);
+  the input is the whole chat-templated text. ``activation`` false gives the raw reward, else
+  its sigmoid, as vLLM does. With ``--unknown-user population`` an unknown name, or the
+  server's own (its model directory's name), gets the population.
+- ``GET /v1/models`` — the server's name and the first ``MODELS_LISTED`` users, with their count.
 - ``GET /health`` — ``{"status": "ok", "method", "users", "max_length"}``.
 
 Concurrent requests are batched dynamically: ``Batcher`` gathers rows for up to ``max_wait_ms``
@@ -21,7 +29,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
+import time
+import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 
 # FastAPI reads the handlers' annotations at run time, so Request must be importable here:
 # this module is the server and needs the `serve` extra (fastapi, uvicorn).
@@ -29,6 +41,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 UNKNOWN_USER = ("error", "population")
+MODELS_LISTED = 1000  # GET /v1/models lists the server's name and at most this many users
 
 
 class BadRequest(ValueError):
@@ -47,7 +60,8 @@ class Batcher:
     """Dynamic batching: one model call for the rows of all requests that arrive together.
 
     Args:
-        score: ``(prompts, responses, users) -> (rewards, truncated)``, run on a worker thread.
+        score: ``(prompts, responses, users) -> Scored`` (``sharelora.score``), run on a
+            worker thread.
         batch_size: rows that start a model call at once.
         max_wait_ms: how long the first waiting request waits for others.
     """
@@ -61,7 +75,10 @@ class Batcher:
         self.queue = asyncio.Queue()
         self.task = asyncio.get_running_loop().create_task(self._loop())
 
-    async def submit(self, prompts: list, responses: list, users: list) -> tuple[list, list]:
+    async def submit(self, prompts: list, responses: list, users: list):
+        """The ``Scored`` rows of this request, scored with whatever else arrived with it."""
+        if not responses:  # an OpenRLHF client splitting a batch over servers sends these
+            return self.score([], [], [])
         job = _Job(prompts, responses, users)
         await self.queue.put(job)
         return await job.done
@@ -88,7 +105,7 @@ class Batcher:
             keys = ("prompts", "responses", "users")
             columns = [[x for j in jobs for x in getattr(j, k)] for k in keys]
             try:
-                rewards, truncated = await asyncio.to_thread(self.score, *columns)
+                scored = await asyncio.to_thread(self.score, *columns)
             except Exception as err:  # every waiting request hears of it; the server stays up
                 for job in jobs:
                     job.done.set_exception(err)
@@ -96,7 +113,7 @@ class Batcher:
             start = 0
             for job in jobs:
                 stop = start + len(job.responses)
-                job.done.set_result((rewards[start:stop], truncated[start:stop]))
+                job.done.set_result(type(scored)(*(field[start:stop] for field in scored)))
                 start = stop
 
 
@@ -113,8 +130,16 @@ def _list(body: dict, key: str, n: int | None = None, required: bool = True) -> 
     return value
 
 
-def build_app(model, batch_size: int = 64, max_wait_ms: float = 5.0, unknown_user="error"):
-    """The FastAPI app serving ``model`` (a ``PersonalizedRewardModel``, already placed)."""
+def build_app(
+    model,
+    batch_size: int = 64,
+    max_wait_ms: float = 5.0,
+    unknown_user: str = "error",
+    name: str = "sharelora",
+):
+    """The FastAPI app serving ``model`` (a ``PersonalizedRewardModel``, already placed);
+    ``name`` is the server's own model name in the vLLM-style endpoints."""
+    from .population import POPULATION
     from .score import score_rows
 
     if unknown_user not in UNKNOWN_USER:
@@ -125,6 +150,7 @@ def build_app(model, batch_size: int = 64, max_wait_ms: float = 5.0, unknown_use
         return score_rows(model, prompts, responses, users, batch_size, unknown_user)
 
     batcher = Batcher(score, batch_size, max_wait_ms)
+    started = int(time.time())
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -188,8 +214,8 @@ def build_app(model, batch_size: int = 64, max_wait_ms: float = 5.0, unknown_use
     async def score_endpoint(request: Request):
         responses, prompts, users = await rows_of(request, "responses", "users")
         check_texts(prompts, "prompts"), check_texts(responses, "responses")
-        rewards, truncated = await batcher.submit(prompts, responses, users)
-        return {"rewards": rewards, "truncated": truncated}
+        scored = await batcher.submit(prompts, responses, users)
+        return {"rewards": scored.rewards, "truncated": scored.truncated}
 
     @app.post("/get_reward")
     async def get_reward(request: Request):
@@ -201,10 +227,70 @@ def build_app(model, batch_size: int = 64, max_wait_ms: float = 5.0, unknown_use
             if not q.startswith(p):
                 raise BadRequest(f"query[{i}] does not start with prompts[{i}]")
             responses.append(q[len(p) :])
-        rewards, truncated = await batcher.submit(prompts, responses, users)
-        return {"rewards": rewards, "scores": rewards, "extra_logs": {"truncated": truncated}}
+        scored = await batcher.submit(prompts, responses, users)
+        logs = {"truncated": scored.truncated}
+        return {"rewards": scored.rewards, "scores": scored.rewards, "extra_logs": logs}
+
+    def user_of(requested) -> object:
+        """The user a vLLM-style ``model`` field names (the population with --unknown-user
+        population, for the server's own name or an unknown one)."""
+        if not personalized:
+            return model.users.names[0]  # one reward: any model name
+        if not isinstance(requested, str):
+            raise BadRequest("field 'model' must name a user (a string)")
+        if requested not in model.users and requested.isdigit() and int(requested) in model.users:
+            return int(requested)  # users read from integer ids
+        if requested == name and unknown_user == "error":
+            raise BadRequest(
+                f"model {name!r} is the server's own name: name a user, or start the server with "
+                "--unknown-user population to score with the population"
+            )
+        return requested
+
+    @app.post("/classify")
+    async def classify(request: Request):
+        body = await body_of(request)
+        texts = body.get("input")
+        texts = [texts] if isinstance(texts, str) else texts
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            raise BadRequest("field 'input' must be a string or a list of strings")
+        activation = body.get("activation")
+        if activation is not None and not isinstance(activation, bool):  # 1 == True in Python
+            raise BadRequest("field 'activation' must be true, false or null")
+        users = check_users([user_of(body.get("model"))] * len(texts), len(texts))
+        scored = await batcher.submit([""] * len(texts), texts, users)
+        # vLLM applies the head's activation unless told not to; verl sends false: raw rewards.
+        probs = scored.rewards if activation is False else [_sigmoid(r) for r in scored.rewards]
+        tokens = sum(scored.tokens)
+        return {
+            "id": f"classify-{uuid.uuid4().hex}",
+            "object": "list",
+            "created": int(time.time()),
+            "model": body.get("model") or name,
+            "data": [
+                {"index": i, "label": "LABEL_0", "probs": [p], "num_classes": 1}
+                for i, p in enumerate(probs)
+            ],
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0},
+        }
+
+    @app.get("/v1/models")
+    async def models():
+        # Not the population's row, which serving unknown users adds: it answers to `name`.
+        users = [u for u in model.users.names if u != POPULATION] if personalized else []
+        entry = {"object": "model", "created": started, "owned_by": "sharelora", "root": name}
+        listed = [name, *map(str, users[:MODELS_LISTED])]
+        return {
+            "object": "list",
+            "data": [{"id": n, **entry} for n in listed],
+            "users": len(users),  # the list stops at MODELS_LISTED
+        }
 
     return app
+
+
+def _sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))
 
 
 def serve(
@@ -224,5 +310,6 @@ def serve(
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = PersonalizedRewardModel.from_pretrained(model_dir).to(device).eval()
-    app = build_app(model, batch_size, max_wait_ms, unknown_user)
+    name = Path(model_dir).resolve().name  # as vLLM names a model by its path
+    app = build_app(model, batch_size, max_wait_ms, unknown_user, name)
     uvicorn.run(app, host=host, port=port, log_level="warning")
