@@ -74,10 +74,15 @@ def _global_step(out: Path) -> int:
 
 # The run chooses on validation in OUTPUT/select, then refits in OUTPUT: a kill in either. The
 # refit checkpoints at each epoch's end (16 steps: the users' pairs and the population's), and
-# it trains all 3 epochs when no best epoch is chosen.
+# it trains all 3 epochs when no best epoch is chosen, and at a fixed strength (a refit that
+# serves the shared start takes no step).
 @pytest.mark.parametrize(
     "phase,kill_after,extra",
-    [("select", 5, ()), ("select", 13, ()), ("", 16, ("--no-select-best",))],
+    [
+        ("select", 5, ()),
+        ("select", 13, ()),
+        ("", 16, ("--no-select-best", "--strength", "1")),
+    ],
 )
 def test_sigkill_then_resume_equals_uninterrupted(
     tiny_text_backbone, tmp_path, phase, kill_after, extra
