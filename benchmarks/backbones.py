@@ -27,10 +27,9 @@ import tempfile
 from pathlib import Path
 
 from new_texts import CELLS as FILE_CELLS
-from new_texts import sharelora, write_jsonl
+from new_texts import record, run_method, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
-EPOCHS = 3
 COMMON = ["--top-layers", "1", "--max-length", "128", "--lr", "2e-3"]
 DEMO_SPLIT = ["--val", "0.1", "--test", "0.25"]  # cli.DEMO's split
 
@@ -48,29 +47,14 @@ def args_():
 
 
 def run(backbone: str, cell: str, method: str, seed: int, tmp: Path, k: int, n: int) -> dict:
-    base, epochs = ("shared", 2 * EPOCHS) if method == "shared-2x" else (method, EPOCHS)
-    out = tmp / f"{backbone}-{method}"
-    argv = ["train", "--backbone", backbone, "--method", base, "--epochs", str(epochs)]
-    argv += ["--seed", str(seed), "--output", str(out), *COMMON]
-    if cell == "demo":
-        seconds = sharelora(*argv, "--data", "builtin:demo", *DEMO_SPLIT)
-        metrics = json.loads((out / "metrics.json").read_text())
-    else:
-        train, test = FILE_CELLS[cell][0](k, n, seed)
-        write_jsonl(tmp / "train.jsonl", train)
-        write_jsonl(tmp / "test.jsonl", test)
-        seconds = sharelora(*argv, "--data", str(tmp / "train.jsonl"), "--test", "0")
-        found = tmp / "metrics.json"
-        sharelora("eval", "--model", str(out), "--data", str(tmp / "test.jsonl"), "--output",
-                  str(found))  # fmt: skip
-        metrics = json.loads(found.read_text())
-    training = json.loads((out / "sharelora.json").read_text())["training"]
-    return {
-        "macro_accuracy": metrics["macro_accuracy"],
-        "served": training.get("served"),
-        "head": training.get("head"),
-        "train_seconds": round(seconds, 1),
-    }
+    flags = ("--backbone", backbone, *COMMON)
+    if cell == "demo":  # tested on its own split's test rows
+        return run_method(method, "builtin:demo", None, seed, tmp, *flags, *DEMO_SPLIT)
+    train, test = FILE_CELLS[cell][0](k, n, seed)
+    write_jsonl(tmp / "train.jsonl", train)
+    write_jsonl(tmp / "test.jsonl", test)
+    return run_method(method, tmp / "train.jsonl", tmp / "test.jsonl", seed, tmp, *flags,
+                      "--test", "0")  # fmt: skip
 
 
 def table(store: dict) -> str:
@@ -111,12 +95,8 @@ def main() -> None:
                         continue
                     with tempfile.TemporaryDirectory() as tmp:
                         r = run(backbone, cell, method, seed, Path(tmp), args.k, args.n)
-                    store["runs"][key] = {"cell": cell, "seed": seed, "method": method,
-                                          "backbone": backbone, **r}  # fmt: skip
-                    print(f"{key}: {r['macro_accuracy']:.3f} in {r['train_seconds']:.0f}s",
-                          flush=True)  # fmt: skip
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    path.write_text(json.dumps(store, indent=1))
+                    record(path, store, "runs", key, {"cell": cell, "seed": seed,
+                           "method": method, "backbone": backbone, **r})  # fmt: skip
     path.with_suffix(".md").write_text(table(store) + "\n")
     print(table(store))
 

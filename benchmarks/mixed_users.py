@@ -24,13 +24,14 @@ ROWS, LENGTH, BATCH, RANK = 256, 64, 64, 8
 TARGETS = ["query", "value"]
 
 
-def _nonzero(module) -> None:
-    """Every adapter tensor random, so that no user's update is the zero the LoRA init gives."""
+def _randomized(params: list) -> int:
+    """Fill the adapter tensors ``params`` with noise, so that no user's update is the zero the
+    LoRA init gives; returns the bytes they hold."""
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for p in module.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+        for p in params:
+            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    return sum(p.numel() * p.element_size() for p in params)
 
 
 def ours(users: int):
@@ -40,9 +41,8 @@ def ours(users: int):
         backbone, [f"u{i}" for i in range(users)], AdapterConfig(rank=RANK, targets=TARGETS)
     )
     built = time.perf_counter() - started
-    _nonzero(model)
-    params = model.user_parameters() + model.shared_parameters()
-    return model.eval(), built, sum(p.numel() * p.element_size() for p in params)
+    held = _randomized(model.user_parameters() + model.shared_parameters())
+    return model.eval(), built, held
 
 
 def peft(users: int):
@@ -53,12 +53,8 @@ def peft(users: int):
     for i in range(1, users):
         model.add_adapter(f"u{i}", lora)
     built = time.perf_counter() - started
-    lora_params = [p for n, p in model.named_parameters() if "lora_" in n]
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in lora_params:
-            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-    return model.eval(), built, sum(p.numel() * p.element_size() for p in lora_params)
+    held = _randomized([p for n, p in model.named_parameters() if "lora_" in n])
+    return model.eval(), built, held
 
 
 def _batches(forward):

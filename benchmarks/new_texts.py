@@ -110,15 +110,19 @@ def sharelora(*argv: str, src: str | None = None) -> float:
     return time.time() - started
 
 
-def run_method(method: str, train: Path, test: Path, seed: int, tmp: Path) -> dict:
+def run_method(method: str, data, test: Path | None, seed: int, tmp: Path, *flags: str) -> dict:
+    """``train`` one method on ``data`` (a file or a ``builtin:`` name) with ``flags``, then
+    ``eval`` it on ``test``; without ``test``, the run's own test split (``metrics.json``)."""
     base, epochs = ("shared", 2 * EPOCHS) if method == "shared-2x" else (method, EPOCHS)
     out = tmp / method
     seconds = sharelora(
-        "train", "--data", str(train), "--output", str(out), "--method", base,
-        "--epochs", str(epochs), "--top-layers", "1", "--test", "0", "--seed", str(seed),
+        "train", "--data", str(data), "--output", str(out), "--method", base,
+        "--epochs", str(epochs), "--seed", str(seed), *flags,
     )  # fmt: skip
-    metrics = tmp / f"{method}.json"
-    sharelora("eval", "--model", str(out), "--data", str(test), "--output", str(metrics))
+    metrics = out / "metrics.json"
+    if test is not None:
+        metrics = tmp / f"{method}.json"
+        sharelora("eval", "--model", str(out), "--data", str(test), "--output", str(metrics))
     result = json.loads(metrics.read_text())
     training = json.loads((out / "sharelora.json").read_text())["training"]
     return {
@@ -127,8 +131,18 @@ def run_method(method: str, train: Path, test: Path, seed: int, tmp: Path) -> di
         "users": {u: v["accuracy"] for u, v in result["users"].items()},
         "strength": training.get("strength"),
         "served": training.get("served"),
+        "head": training.get("head"),
         "train_seconds": round(seconds, 1),
     }
+
+
+def record(path: Path, store: dict, group: str, key: str, entry: dict) -> None:
+    """Keep one run in ``store[group]`` and write the store at once: a killed benchmark
+    resumes after the last run it finished."""
+    store[group][key] = entry
+    print(f"{key}: {entry['macro_accuracy']:.3f} in {entry['train_seconds']:.0f}s", flush=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(store, indent=1))
 
 
 def table(store: dict) -> str:
@@ -172,16 +186,13 @@ def main() -> None:
                     write_jsonl(tmp / "train.jsonl", train)
                     write_jsonl(tmp / "test.jsonl", test)
                     for method in todo:
-                        r = run_method(method, tmp / "train.jsonl", tmp / "test.jsonl", seed, tmp)
+                        r = run_method(method, tmp / "train.jsonl", tmp / "test.jsonl", seed,
+                                       tmp, "--top-layers", "1", "--test", "0")  # fmt: skip
                         key = f"{args.tag} {cell} K={k} n={n} seed={seed} {method}"
-                        store["cells"][key] = {
+                        record(path, store, "cells", key, {
                             "tag": args.tag, "cell": cell, "K": k, "n": n, "seed": seed,
                             "method": method, **r,
-                        }  # fmt: skip
-                        print(f"{key}: {r['macro_accuracy']:.3f} in {r['train_seconds']:.0f}s",
-                              flush=True)  # fmt: skip
-                        path.parent.mkdir(parents=True, exist_ok=True)
-                        path.write_text(json.dumps(store, indent=1))
+                        })  # fmt: skip
     path.with_suffix(".md").write_text(table(store) + "\n")
     print(table(store))
 
