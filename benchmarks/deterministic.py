@@ -13,7 +13,7 @@ from common import machine, parser, table, write_json
 
 from sharelora import AdapterConfig, PersonalizedRewardModel, TrainConfig
 from sharelora.data import SplitConfig, read_preferences, split_per_user
-from sharelora.train import train
+from sharelora.recipe import train
 
 
 def run_once(splits, deterministic: bool, epochs: int):

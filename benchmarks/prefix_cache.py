@@ -21,7 +21,7 @@ from common import machine, parser, table, write_json
 from sharelora import DEFAULT_BACKBONE, AdapterConfig, PersonalizedRewardModel
 from sharelora.data import SplitConfig, read_preferences, split_per_user
 from sharelora.evaluate import evaluate
-from sharelora.train import TrainConfig, train
+from sharelora.recipe import TrainConfig, train
 
 
 def main():

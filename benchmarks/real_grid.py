@@ -22,7 +22,7 @@ from ukp_report import _grid_table, _mean_sd
 from sharelora import DEFAULT_BACKBONE, AdapterConfig
 from sharelora.compare import compare
 from sharelora.config import FACTORINGS, PRIOR_ON, STRENGTH_RULES
-from sharelora.flags import number_or_auto
+from sharelora.fields import number_or_auto
 from sharelora.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,7 +9,7 @@ import torch
 from conftest import opposite_tastes
 
 from sharelora import AdapterConfig, PersonalizedRewardModel
-from sharelora.train import TrainConfig, train
+from sharelora.recipe import TrainConfig, train
 
 if __name__ == "__main__":
     backbone, output = sys.argv[1], sys.argv[2]

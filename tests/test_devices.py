@@ -16,8 +16,8 @@ from conftest import opposite_tastes, randomize
 
 from sharelora import AdapterConfig, PersonalAdamW, PersonalizedRewardModel, population
 from sharelora.optim import _bias_corrections
+from sharelora.recipe import TrainConfig, train
 from sharelora.strength import apply_strength, user_weights
-from sharelora.train import TrainConfig, train
 
 
 def _model(path, method="sharelora"):

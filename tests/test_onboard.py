@@ -11,8 +11,8 @@ from sharelora.data import Comparison
 from sharelora.evaluate import evaluate
 from sharelora.onboard import onboard
 from sharelora.population import POPULATION
+from sharelora.recipe import TrainConfig, train
 from sharelora.score import score_texts
-from sharelora.train import TrainConfig, train
 from sharelora.users import UnknownUserError
 
 # The toy's lr is 5x the default, for few steps; its user rows overshoot at 4x that (the

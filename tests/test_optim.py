@@ -178,7 +178,7 @@ def test_rowwise_learns_like_full_adam(tiny_text_backbone):
     from conftest import opposite_tastes
 
     from sharelora.evaluate import evaluate
-    from sharelora.train import TrainConfig, train
+    from sharelora.recipe import TrainConfig, train
 
     accuracy = {}
     for state in ("full", "rowwise"):

@@ -15,8 +15,9 @@ from sharelora import AdapterConfig, PersonalizedRewardModel, population
 from sharelora.config import METHODS
 from sharelora.data import Comparison, SplitConfig, split_per_user
 from sharelora.evaluate import evaluate
+from sharelora.recipe import TrainConfig, train
 from sharelora.strength import apply_scale, population_gate
-from sharelora.train import TrainConfig, Trainer, train
+from sharelora.train import Trainer
 
 PERSONAL = [m for m in METHODS if m != "shared"]
 USERS = ["sunny", "rainy"]

@@ -66,7 +66,7 @@ def test_training_through_the_cache_equals_training_without_it(tmp_path):
     it inside the frozen blocks too)."""
     from conftest import opposite_tastes, save_text_backbone
 
-    from sharelora.train import TrainConfig, train
+    from sharelora.recipe import TrainConfig, train
 
     path = save_text_backbone(tmp_path, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     data, val = opposite_tastes(12), opposite_tastes(6, seed=1)

@@ -11,8 +11,8 @@ from conftest import opposite_tastes
 from sharelora import AdapterConfig, PersonalizedRewardModel
 from sharelora.config import PRIOR_GRID
 from sharelora.evaluate import evaluate
-from sharelora.flags import number_or_auto
-from sharelora.train import TrainConfig, train
+from sharelora.fields import number_or_auto
+from sharelora.recipe import TrainConfig, train
 
 DATA, VAL = opposite_tastes(10), opposite_tastes(6, seed=1)
 
@@ -71,7 +71,7 @@ def test_shared_has_no_prior_to_choose(tiny_text_backbone, tmp_path):
         (lambda m, out: train(m, DATA, None, _cfg(prior="auto"), out), "--val 0.1"),
         (lambda m, out: train(m, DATA, VAL, _cfg(prior="auto"), out, resume=True), "afresh"),
         (lambda m, out: _cfg(prior="wide"), "'auto'"),
-        (lambda m, out: _cfg(prior=-1.0), "prior must be >= 0"),
+        (lambda m, out: _cfg(prior=-1.0), "prior must be a number >= 0"),
     ],
 )
 def test_errors_say_how_to_fix(tiny_text_backbone, tmp_path, call, message):

@@ -14,9 +14,9 @@ from conftest import opposite_tastes
 
 from sharelora import AdapterConfig, PersonalizedRewardModel
 from sharelora.data import read_preferences
+from sharelora.recipe import TrainConfig, train
 from sharelora.render import render
 from sharelora.score import score_texts
-from sharelora.train import TrainConfig, train
 from sharelora.trl import AsyncPersonalizedReward, PersonalizedReward
 from sharelora.users import UnknownUserError
 

@@ -14,8 +14,8 @@ import torch
 from conftest import opposite_tastes
 
 from sharelora import AdapterConfig, PersonalizedRewardModel
+from sharelora.recipe import TrainConfig, train
 from sharelora.score import score_texts
-from sharelora.train import TrainConfig, train
 
 httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")

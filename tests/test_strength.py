@@ -12,8 +12,8 @@ from sharelora import AdapterConfig, PersonalizedRewardModel, population
 from sharelora.compare import compare
 from sharelora.config import FACTORINGS, METHODS, SHRINKAGE
 from sharelora.data import split_per_user
+from sharelora.recipe import TrainConfig, train
 from sharelora.strength import choose_scale, paired_se, user_weights
-from sharelora.train import TrainConfig, train
 
 PERSONAL = [m for m in METHODS if m != "shared"]
 USERS = ["sunny", "rainy"]
@@ -153,9 +153,10 @@ def test_freeze_shared_trains_only_the_user_tables(tiny_text_backbone, shared_di
             torch.testing.assert_close(after[name], before[name], rtol=0, atol=0)
 
 
-def test_freeze_shared_needs_a_shared_start():
-    with pytest.raises(ValueError, match="freeze_shared keeps the shared tensors.*init_from"):
-        TrainConfig(freeze_shared=True)
+def test_freeze_shared_needs_a_shared_start(tiny_text_backbone):
+    model = _model(tiny_text_backbone)
+    with pytest.raises(ValueError, match="freeze_shared keeps the shared tensors.*--init-from"):
+        train(model, opposite_tastes(4), None, _cfg(freeze_shared=True))
 
 
 def test_strength_zero_without_a_start_gives_every_user_the_mean_rows(tiny_text_backbone):

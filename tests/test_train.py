@@ -12,7 +12,8 @@ from sharelora import AdapterConfig, PersonalizedRewardModel, population
 from sharelora import train as train_module
 from sharelora.data import Comparison, PairDataset, PairTokenizer
 from sharelora.evaluate import evaluate
-from sharelora.train import TrainConfig, TrainingError, train
+from sharelora.recipe import TrainConfig, train
+from sharelora.train import TrainingError
 
 
 def _model(path, method="sharelora", **kw):
@@ -252,7 +253,7 @@ def test_prior_holds_users_near_the_population(tiny_text_backbone, sparse_users)
         runs[prior] = deviation(model)
     (few_free, many_free), (few, many) = runs[0.0], runs[30.0]
     assert few < 0.5 * few_free and many < 0.5 * many_free, runs
-    with pytest.raises(ValueError, match="prior must be >= 0"):
+    with pytest.raises(ValueError, match="prior must be a number >= 0"):
         TrainConfig(prior=-1.0)
 
 

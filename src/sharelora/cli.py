@@ -8,110 +8,125 @@ import sys
 import time
 from pathlib import Path
 
-from .config import DEFAULT_BACKBONE, METHODS, USER_STATES, UsageError
-from .flags import BACKBONE_HELP, add_data, add_model, add_split, add_train
+from .config import DataConfig, RunConfig, TrainConfig, UsageError
+from .flags import HelpAll, add_fields
+from .presets import PRESETS
 
-# Embedded demo defaults: MiniLM with adapters in its top block, so that the frozen blocks
-# below are cached once per text and the whole comparison fits a laptop CPU (see README).
-DEMO = {
-    "methods": "shared,independent,sharelora,sharelora-head",
-    "top_layers": 1,
-    "epochs": 3,
-    "lr": 2e-3,
-    "max_length": 128,
-    "val": 0.1,
-    "test": 0.25,
-    "from_shared": True,
-}
-DEMO_QUICK = {"top_users": 5, "max_per_user": 25}
+# What onboarding leaves out of its flags: what it fixes itself (its preset), and what has no
+# effect there (no validation to select or refit on; the model's own token budget; frozen
+# shared factors take no decay).
+ONBOARD_FIXED = (
+    *PRESETS["onboard"].settings,
+    "max_length",
+    "weight_decay",
+    "eval_every",
+    "select_best",
+    "refit",
+    "backbone",
+    "revision",
+    "trust_remote_code",
+    "from_shared",
+    "resume",
+    "preset",
+)
+# Data flags that change nothing for a command that reads rows without splitting them.
+SPLIT_ONLY = ("group_col", "split_col", "test_data")
+UNKNOWN_USER = ("error", "population")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sharelora", description=__doc__)
+def build_parser(show_all: bool = False) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sharelora", description=__doc__, allow_abbrev=False)
     parser.add_argument("--config", help="YAML or TOML file holding any flags (flags win)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="compare the personalized methods with shared on builtin data")
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        # No abbreviations: compare --method would otherwise pass for --methods.
+        p = sub.add_parser(name, help=help, description=help, allow_abbrev=False)
+        full = lambda: build_parser(True)._subparsers._group_actions[0].choices[name]  # noqa: E731
+        p.add_argument("--help-all", action=HelpAll, full=full)
+        return p
+
+    def fields(p, **kw):
+        add_fields(p, **{"show_all": show_all, **kw})
+
+    p = command("demo", "compare the personalized methods with shared on builtin data")
     p.add_argument("--quick", action="store_true", help="a smaller run (under a minute on CPU)")
-    p.add_argument("--output", default="sharelora-demo")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--output", default="sharelora-demo", help="the directory the demo writes")
+    fields(p, only=("progress",), show_all=True)
 
-    p = sub.add_parser("train", help="train one personalized reward model")
-    add_data(p), add_split(p), add_model(p), add_train(p)
-    p.add_argument(
-        "--from-shared",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="for a personalized method, train the shared model first (OUTPUT/shared) and start "
-        "every user from it; validation can fall back to it (default unless --init-from gives "
-        "one; --no-from-shared: start from the backbone)",
-    )
-    p.add_argument("--output", required=True)
-    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoints/last")
-    p.add_argument(
-        "--init-from",
-        metavar="DIR",
-        help="start every user from this trained shared model (the population model)",
-    )
+    p = command("train", "train one personalized reward model")
+    fields(p, required=("data", "output"))
 
-    p = sub.add_parser("compare", help="train several methods on one split; report and plot")
-    add_data(p), add_split(p), add_model(p), add_train(p)
-    p.add_argument("--methods", default="shared,independent,sharelora")
+    p = command("compare", "train several methods on one split; report and plot")
+    fields(
+        p,
+        exclude=("method", "resume", "init_from"),
+        required=("data", "output"),
+        defaults={"from_shared": False},
+    )
     p.add_argument(
-        "--from-shared",
-        action="store_true",
-        help="train shared first and start every personalized method from it",
+        "--methods",
+        default="shared,independent,sharelora",
+        help="comma-separated methods, each optionally METHOD+PRESET (e.g. sharelora+unpooled)",
     )
     p.add_argument(
         "--shots",
-        help="with --holdout-users: few-shot curves at these k, e.g. "
-        "5,10,25,50; onboards every personalized method among --methods (needs shared too)",
+        help="with --holdout-users: few-shot curves at these k, e.g. 5,10,25,50; onboards every "
+        "personalized method among --methods (needs shared too)",
     )
-    p.add_argument("--output", required=True)
 
-    p = sub.add_parser("eval", help="per-user accuracy of a trained model on data")
-    add_data(p)
-    p.add_argument("--model", required=True)
+    p = command("eval", "per-user accuracy of a trained model on data")
+    fields(p, classes=(DataConfig,), exclude=SPLIT_ONLY, required=("data",))
+    p.add_argument("--model", required=True, help="a trained model directory")
     p.add_argument("--output", help="write metrics.json here")
     p.add_argument("--batch-size", type=int, default=32, help="pairs per forward pass")
     p.add_argument(
         "--unknown-user",
-        choices=("error", "population"),
+        choices=UNKNOWN_USER,
         default="error",
         help="score users the model does not know (a split dropped them, or they are new) with "
         "the population model; the metrics count the rows and users affected",
     )
 
-    p = sub.add_parser("score", help="add a reward to each row of a JSONL file")
-    p.add_argument("--model", required=True)
+    p = command("score", "add a reward to each row of a JSONL file")
+    p.add_argument("--model", required=True, help="a trained model directory")
     p.add_argument("--input", required=True, help="JSONL rows with prompt?, response, user")
-    p.add_argument("--output", required=True)
-    p.add_argument("--response-col", default="response")
-    p.add_argument("--prompt-col", default="prompt")
-    p.add_argument("--user-col", default="user")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--output", required=True, help="the JSONL file written: each row + reward")
+    p.add_argument("--response-col", default="response", help="column holding the response")
+    p.add_argument("--prompt-col", default="prompt", help="column holding the prompt (optional)")
+    p.add_argument("--user-col", default="user", help="column holding the user id")
+    p.add_argument("--batch-size", type=int, default=32, help="rows per forward pass")
     p.add_argument(
         "--unknown-user",
-        choices=("error", "population"),
+        choices=UNKNOWN_USER,
         default="error",
         help="score users the model does not know with the population adapter",
     )
 
-    p = sub.add_parser("onboard", help="add new users from a few comparisons each")
-    add_data(p), add_train(p)
-    p.add_argument("--model", required=True)
-    p.add_argument("--output", required=True)
+    p = command("onboard", "add new users from a few comparisons each")
+    fields(
+        p,
+        classes=(DataConfig, RunConfig, TrainConfig),
+        exclude=(*ONBOARD_FIXED, *SPLIT_ONLY),
+        required=("data", "output"),
+    )
+    p.add_argument("--model", required=True, help="the trained model the users join")
 
-    p = sub.add_parser("export", help="write one user's reward model (merged or PEFT)")
-    p.add_argument("--model", required=True)
+    p = command("export", "write one user's reward model (merged or PEFT)")
+    p.add_argument("--model", required=True, help="a trained model directory")
     p.add_argument("--user", help="the user (any name for method shared)")
-    p.add_argument("--format", choices=("merged", "peft"), default="merged")
-    p.add_argument("--output", required=True)
+    p.add_argument(
+        "--format",
+        choices=("merged", "peft"),
+        default="merged",
+        help="merged: a plain transformers model; peft: a LoRA adapter over the backbone",
+    )
+    p.add_argument("--output", required=True, help="the directory written")
 
-    p = sub.add_parser("serve", help="serve rewards over HTTP (OpenRLHF /get_reward, /score)")
-    p.add_argument("--model", required=True)
+    p = command("serve", "serve rewards over HTTP (OpenRLHF, verl / vLLM /classify, /score)")
+    p.add_argument("--model", required=True, help="a trained model directory")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: local)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--batch-size", type=int, default=64, help="rows per forward pass")
     p.add_argument(
@@ -120,15 +135,28 @@ def build_parser() -> argparse.ArgumentParser:
         default=5.0,
         help="how long a request waits for others to share its forward pass",
     )
-    p.add_argument("--unknown-user", choices=("error", "population"), default="error")
+    p.add_argument(
+        "--unknown-user",
+        choices=UNKNOWN_USER,
+        default="error",
+        help="answer users the model does not know with the population model",
+    )
 
-    p = sub.add_parser("plan", help="parameter and memory budget per method, from the config")
+    p = command("plan", "parameter and memory budget per method, from the config")
     p.add_argument("--users", type=int, required=True, help="number of users N")
-    p.add_argument("--backbone", default=DEFAULT_BACKBONE, help=BACKBONE_HELP)
-    p.add_argument("--method", choices=list(METHODS), default="sharelora")
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--targets", help="module-name suffixes (default: per architecture)")
-    p.add_argument("--top-layers", type=int, help="adapt only the top k blocks")
+    fields(
+        p,
+        only=(
+            "backbone",
+            "trust_remote_code",
+            "method",
+            "rank",
+            "targets",
+            "top_layers",
+            "user_state",
+        ),
+        show_all=True,
+    )
     p.add_argument(
         "--dtype",
         choices=("float32", "bfloat16", "float16"),
@@ -141,18 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=80.0,
         help="memory for weights, gradients and AdamW state (default: one 80 GB GPU)",
     )
-    p.add_argument(
-        "--user-state",
-        choices=USER_STATES,
-        default="full",
-        help="optimizer state of user tables the recommendation assumes",
-    )
     p.add_argument("--json", help="also write the numbers here")
-    p.add_argument("--trust-remote-code", action="store_true")
 
-    p = sub.add_parser("simulate", help="linear low-rank Bradley-Terry sample-complexity sweep")
+    command("presets", "list the named presets and what each sets")
+
+    p = command("simulate", "linear low-rank Bradley-Terry sample-complexity sweep")
     p.add_argument("--quick", action="store_true", help="a smaller sweep (under 2 minutes)")
-    p.add_argument("--output", default="sharelora-simulate")
+    p.add_argument("--output", default="sharelora-simulate", help="the directory written")
     p.add_argument("--n", help="comparisons per user, e.g. 5,10,20,50,100,200")
     p.add_argument("--users", help="numbers of users N, e.g. 10,100")
     p.add_argument("--rank", help="ranks r, e.g. 2")
@@ -165,13 +188,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="scale of each user's individual deviation from the low-rank structure",
     )
 
-    p = sub.add_parser("prepare", help="build a dataset file from a public source")
-    p.add_argument("name", choices=("tldr", "helpsteer2"))
-    p.add_argument("--output", required=True)
+    p = command("prepare", "build a dataset file from a public source")
+    p.add_argument("name", choices=("tldr", "helpsteer2"), help="the public source to build")
+    p.add_argument("--output", required=True, help="the .jsonl file written")
     p.add_argument("--source", help="hub id or local copy (default: the public dataset)")
     p.add_argument("--top-k", type=int, default=5, help="tldr: workers kept")
-    p.add_argument("--ties", choices=("drop", "random"), default="drop", help="helpsteer2")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--ties",
+        choices=("drop", "random"),
+        default="drop",
+        help="helpsteer2: drop tied ratings, or order them at random",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seeds the sampling")
     return parser
 
 
@@ -199,8 +227,9 @@ def _load_config(path: str) -> dict:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    """Flags, with ``--config`` values as defaults: a flag on the command line wins, and a
-    config file may hold any flag, required ones included."""
+    """Flags over ``--config`` values over ``--preset`` settings over the fields' defaults:
+    a flag on the command line wins, and a config file may hold any flag, required ones
+    included."""
     parser = build_parser()
     subparsers = parser._subparsers._group_actions[0].choices
     required = {}
@@ -211,15 +240,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                 required.setdefault(name, []).append(action)
     args = parser.parse_args(argv)
     sub = subparsers[args.command]
-    if args.config:
-        config = _load_config(args.config)
-        unknown = sorted(set(config) - {a.dest for a in sub._actions})
-        if unknown:
-            raise UsageError(
-                f"config {args.config}: unknown option(s) for '{args.command}': "
-                f"{', '.join(unknown)}"
-            )
-        sub.set_defaults(**config)
+    config = _load_config(args.config) if args.config else {}
+    unknown = sorted(set(config) - {a.dest for a in sub._actions})
+    if unknown:
+        raise UsageError(
+            f"config {args.config}: unknown option(s) for '{args.command}': {', '.join(unknown)}"
+        )
+    preset = getattr(args, "preset", None)
+    if preset == RunConfig.preset and "preset" in config:  # not on the command line
+        preset = config["preset"]
+    if preset or config:
+        from .presets import resolve
+
+        sub.set_defaults(**{**(resolve(preset, args.command) if preset else {}), **config})
         args = parser.parse_args(argv)
     missing = [
         a.option_strings[0] for a in required.get(args.command, []) if getattr(args, a.dest) is None
@@ -232,13 +265,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def demo_argv(args: argparse.Namespace) -> list[str]:
-    """``sharelora demo`` is ``sharelora compare`` on the builtin data with ``DEMO`` settings."""
-    settings = {**DEMO, **(DEMO_QUICK if args.quick else {})}
-    argv = ["compare", "--data", "builtin:demo", "--output", args.output]
-    for key, value in settings.items():
-        flag = "--" + key.replace("_", "-")
-        argv += [flag] if value is True else [flag, str(value)]
-    return argv + (["--no-progress"] if args.no_progress else [])
+    """``sharelora demo`` is ``sharelora compare`` on the builtin data with the demo preset."""
+    preset = "demo-quick" if args.quick else "demo"
+    argv = ["compare", "--data", "builtin:demo", "--output", args.output, "--preset", preset]
+    return argv + ([] if args.progress else ["--no-progress"])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,128 +5,24 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import fields, replace
 from pathlib import Path
 
 from .config import AdapterConfig, TrainConfig, UsageError
-from .files import run_lock, write_json
+from .files import write_json
+from .flags import configs
 
 
 def _log(*parts) -> None:
     print(*parts, file=sys.stderr, flush=True)
 
 
-def _config(cls, args, **extra):
-    """A config dataclass (``AdapterConfig``, ``TrainConfig``, ``SplitConfig``) from the parsed
-    flags of the same names (``extra`` overrides); flags a command lacks keep the defaults."""
-    names = {f.name for f in fields(cls)}
-    return cls(**{**{k: v for k, v in vars(args).items() if k in names}, **extra})
-
-
-def _adapter_config(args) -> AdapterConfig:
-    return _config(AdapterConfig, args)
-
-
-def _train_config(args, **extra) -> TrainConfig:
-    return _config(TrainConfig, args, progress=not args.no_progress, **extra)
-
-
-def _read(args, source: str | None = None):
-    from .data import Columns, read_preferences
-
-    columns = Columns(
-        args.prompt_col,
-        args.chosen_col,
-        args.rejected_col,
-        args.user_col,
-        getattr(args, "group_col", None),
-        None if source else getattr(args, "split_col", None),  # the main data's alone
-    )
-    data, report = read_preferences(source or args.data, columns, args.on_bad_rows, args.hf_split)
-    _log(report.summary())
-    return data
-
-
-def _split(args, data):
-    from .data import SplitConfig, seen_share, split_per_user, validation_warning
-
-    test_file = getattr(args, "test_data", None)
-    extra = {"test": 0.0} if test_file else {}
-    if test_file:
-        rows = _read(args, test_file)
-        if getattr(args, "val_by", "auto") == "auto" and seen_share(rows, data) <= 0.5:
-            extra["val_by"] = "text"  # the test's texts are mostly new: so are validation's
-    splits = split_per_user(data, _config(SplitConfig, args, **extra))
-    if test_file:
-        known = set(splits.users)
-        splits.test = [c for c in rows if c.user in known]
-        if len(splits.test) < len(rows):
-            _log(f"{test_file}: {len(rows) - len(splits.test)} test rows of users not trained")
-    dropped = splits.manifest["dropped_without_training_rows"]
-    if dropped:
-        _log(
-            f"split: dropped {len(dropped)} user(s) whose every group fell in val/test (no "
-            f"training row): {', '.join(list(dropped)[:5])}"
-        )
-    _log(
-        f"split: {len(splits.users)} users; train {len(splits.train)}, val {len(splits.val)} "
-        f"(by {splits.manifest['val_by']}), test {len(splits.test)} comparisons"
-    )
-    warning = validation_warning(splits)
-    if warning:
-        _log(f"warning: {warning}")
-    return splits
-
-
 def cmd_train(args) -> None:
-    import torch
+    from .recipe import run
 
-    from .evaluate import evaluate
-    from .model import PersonalizedRewardModel
-    from .train import train
-
-    adapter, cfg = _adapter_config(args), _train_config(args)
-    if args.from_shared and cfg.init_from:
-        raise UsageError("--init-from starts from a shared model already: drop --from-shared")
-    from_shared = not cfg.init_from if args.from_shared is None else args.from_shared
-    splits = _split(args, _read(args))
-    out = Path(args.output)
-
-    def fit(adapter, cfg, where):
-        torch.manual_seed(cfg.seed)  # the adapters' initial draw is part of the run's seed
-        model = PersonalizedRewardModel.from_backbone(
-            args.backbone,
-            splits.users,
-            adapter,
-            revision=args.revision,
-            trust_remote_code=args.trust_remote_code,
-            max_length=cfg.max_length,
-        )
-        _log(f"parameters: {json.dumps(model.parameter_report())}; score head {model.head_init}")
-        run = train(
-            model, splits.train, splits.val, cfg, where, args.resume, refit_data=splits.refit
-        )
-        return model, run
-
-    # The lock comes before the first file this run writes (split.json); train() takes it again.
-    with run_lock(out):
-        splits.write_manifest(out / "split.json")
-        if from_shared and adapter.personalized:
-            # The shared model first, on the same split: every user starts from it, and it is
-            # a fallback validation can choose (the population trained from it is the other).
-            shared = out / "shared"
-            if not (args.resume and (shared / "sharelora.json").exists()):
-                _log(f"training the shared model every user starts from -> {shared}")
-                fit(replace(adapter, method="shared"), cfg, shared)
-            cfg = replace(cfg, init_from=str(shared))
-        model, result = fit(adapter, cfg, out)
-        if splits.test:
-            metrics = evaluate(
-                model, splits.test, seed=cfg.seed, prefix_cache=result["prefix_cache"]
-            )
-            write_json(out / "metrics.json", metrics)
-            _print_metrics(metrics)
-    _log(f"model written to {out}{served_note(result['summary'])}")
+    result = run(configs(args))
+    if result["metrics"]:
+        _print_metrics(result["metrics"])
+    _log(f"model written to {args.output}{served_note(result['summary'])}")
 
 
 def served_note(summary: dict) -> str:
@@ -151,8 +47,9 @@ def _print_metrics(metrics: dict) -> None:
 def cmd_eval(args) -> None:
     from .evaluate import evaluate
     from .model import PersonalizedRewardModel
+    from .recipe import read
 
-    data = _read(args)  # bad data fails fast, before a large model loads
+    data = read(configs(args).data)  # bad data fails fast, before a large model loads
     model = PersonalizedRewardModel.from_pretrained(args.model)
     metrics = evaluate(model, data, args.batch_size, split="eval", unknown_user=args.unknown_user)
     _print_metrics(metrics)
@@ -209,9 +106,13 @@ def cmd_score(args) -> None:
 def cmd_onboard(args) -> None:
     from .model import PersonalizedRewardModel
     from .onboard import onboard
+    from .recipe import read
 
-    cfg = _train_config(args)
-    data = _read(args)
+    c = configs(args)
+    cfg = c.train
+    if cfg.prior == "auto":
+        raise UsageError("onboard has no validation to choose --prior on: give a number (e.g. 1)")
+    data = read(c.data)
     model = PersonalizedRewardModel.from_pretrained(args.model)
     before = model.num_users
     onboard(model, data, None, cfg, args.output)
@@ -266,28 +167,28 @@ def cmd_export(args) -> None:
 
 
 def cmd_compare(args) -> None:
-    from .adapters import METHODS
-    from .compare import VARIANTS, compare
+    from .compare import compare, method_config
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [
-        m
-        for m in methods
-        if m.partition("+")[0] not in METHODS or m.partition("+")[2] not in ("", *VARIANTS)
-    ]
-    if bad or not methods:
+    if not methods:
+        raise UsageError("--methods: name at least one method, e.g. shared,sharelora")
+    for m in methods:
+        try:
+            base = method_config(m, TrainConfig())[0]
+            AdapterConfig(method=base)
+        except ValueError as err:
+            raise UsageError(f"--methods: {err}") from None
+    freeze = getattr(args, "freeze_shared", False)  # set by the preset frozen
+    if freeze and not args.from_shared:
         raise UsageError(
-            f"--methods: unknown {', '.join(bad) or '(none)'}; choose from {', '.join(METHODS)}, "
-            f"each optionally with +{' or +'.join(VARIANTS)}"
+            "compare --preset frozen freezes the methods that start from this run's shared "
+            "model: drop --no-from-shared, or name METHOD+frozen in --methods instead"
         )
-    if args.freeze_shared and not args.from_shared:
-        raise UsageError(
-            "compare --freeze-shared freezes the methods that start from this run's shared "
-            "model: add --from-shared, or name METHOD+frozen in --methods instead"
-        )
+    from .recipe import read_split
+
     # compare applies freeze_shared to the methods that start from its shared model alone.
-    adapter, cfg = _adapter_config(args), _train_config(args, freeze_shared=False)
-    splits = _split(args, _read(args))
+    c = configs(args, freeze_shared=False)
+    splits = read_split(c.data, c.split)
     shots = _int_list("--shots", args.shots)
     onboarded = [m for m in methods if m.partition("+")[0] != "shared"]
     if shots and (not args.holdout_users or "shared" not in methods or not onboarded):
@@ -298,13 +199,13 @@ def cmd_compare(args) -> None:
     results, _ = compare(
         splits,
         methods,
-        adapter,
-        cfg,
-        args.backbone,
+        c.adapter,
+        c.train,
+        c.run,
         args.output,
         log=_log,
         from_shared=args.from_shared,
-        freeze_shared=args.freeze_shared,
+        freeze_shared=freeze,
     )
     print((Path(args.output) / "report.md").read_text())
     if shots:
@@ -315,9 +216,9 @@ def cmd_compare(args) -> None:
             splits.holdout,
             shots,
             {m: out / m for m in ("shared", *onboarded)},
-            args.backbone,
-            adapter,
-            cfg,
+            c.run,
+            c.adapter,
+            c.train,
             out,
             log=_log,
         )
@@ -341,7 +242,7 @@ def cmd_plan(args) -> None:
 
     if args.users < 1:
         raise UsageError(f"--users must be a positive integer, got {args.users}")
-    adapter = _adapter_config(args)
+    adapter = configs(args).adapter
     weight_bytes = 4 if args.dtype == "float32" else 2
     table, details = plan_table(
         args.backbone,
@@ -374,7 +275,14 @@ def cmd_serve(args) -> None:
     )
 
 
+def cmd_presets(args) -> None:
+    from .presets import table
+
+    print(table())
+
+
 COMMANDS = {
+    "presets": cmd_presets,
     "train": cmd_train,
     "eval": cmd_eval,
     "score": cmd_score,

@@ -6,37 +6,32 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-
-from .adapters import AdapterConfig
+from .config import AdapterConfig, RunConfig
 from .data import Splits
 from .diagnostics import baseline_of, diagnostics_text, disagreement, paired_gain, shuffled_users
 from .evaluate import evaluate
 from .files import write_json, write_text
-from .model import PersonalizedRewardModel
+from .presets import PRESETS
+from .recipe import TrainConfig, build_model, test_metrics, train
 from .report import accuracy_table, plot_accuracy
-from .train import TrainConfig, train
-
-# Stands for this run's `shared` model in a variant's init_from; compare puts its directory in.
-SHARED_RUN = "<this run's shared model>"
-# "unpooled" is the paper's recipe: no prior on the deviations and no shrinkage after
-# training; "frozen" starts from the shared model and trains only the per-user tables.
-VARIANTS = {
-    "warmup": {"warmup_epochs": 1},
-    "from-shared": {"init_from": SHARED_RUN},
-    "unpooled": {"prior": 0.0, "strength": 1.0, "train_population": False},
-    "frozen": {"init_from": SHARED_RUN, "freeze_shared": True},
-}
 
 
-def method_config(name: str, config: TrainConfig) -> tuple[str, TrainConfig]:
-    """``"sharelora+warmup"`` -> (``"sharelora"``, the config with its variant applied)."""
+def method_config(name: str, config: TrainConfig) -> tuple[str, TrainConfig, bool | None]:
+    """``"sharelora+warmup"`` -> (``"sharelora"``, the config with the preset ``warmup``
+    applied, whether the preset starts from this run's shared model (``None``: it does not
+    say)); the variants are the presets of ``sharelora.presets`` that apply to compare."""
     base, _, variant = name.partition("+")
-    if variant and variant not in VARIANTS:
+    if not variant:
+        return base, config, None
+    preset = PRESETS.get(variant)
+    if preset is None or "compare" not in preset.commands:
+        known = [n for n, p in PRESETS.items() if "compare" in p.commands and n != "default"]
         raise ValueError(
-            f"unknown method variant {variant!r} in {name!r}; known: {', '.join(VARIANTS)}"
+            f"unknown method variant {variant!r} in {name!r}; known: {', '.join(known)}"
         )
-    return base, replace(config, **VARIANTS.get(variant, {}))
+    settings = dict(preset.settings)
+    from_shared = settings.pop("from_shared", None)
+    return base, replace(config, **settings), from_shared
 
 
 def compare(
@@ -44,7 +39,7 @@ def compare(
     methods: list[str],
     adapter: AdapterConfig,
     config: TrainConfig,
-    backbone: str,
+    backbone: str | RunConfig,
     output_dir: str | Path,
     log=print,
     prefix_cache=None,
@@ -55,8 +50,9 @@ def compare(
     ``splits.test``; writes ``METHOD/`` (model + ``metrics.json``), ``report.md``,
     ``accuracy.png``, ``split.json`` and ``summary.json`` under ``output_dir``.
 
-    A method may carry a variant: ``sharelora+warmup`` is sharelora trained with the reference
-    two-stage recipe (one shared warm-up epoch). Every method starts from the same seed; with
+    A method may carry a variant, a preset (``sharelora.presets``): ``sharelora+warmup`` is
+    sharelora trained with the reference two-stage recipe (one shared warm-up epoch). Every
+    method starts from the same seed; with
     ``adapter.top_layers`` they share one cache of the frozen blocks, which is returned with
     the per-method metrics so that further calls on the same backbone can reuse it.
 
@@ -67,6 +63,7 @@ def compare(
     own warm-up). ``shared`` then trains first. ``freeze_shared`` makes those methods train
     only their per-user tables (as the ``+frozen`` variant does); the control still trains.
     """
+    source = backbone if isinstance(backbone, RunConfig) else RunConfig(backbone=backbone)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     splits.write_manifest(out / "split.json")
@@ -75,9 +72,9 @@ def compare(
         raise ValueError("nothing to evaluate on: the split has no test or validation rows")
 
     def starts_from_shared(method: str) -> bool:
-        base, cfg = method_config(method, config)
+        base, _, start = method_config(method, config)
         plain = base != "shared" and "+" not in method
-        return cfg.init_from == SHARED_RUN or (from_shared and plain)
+        return bool(start) or (from_shared and plain)
 
     if any(map(starts_from_shared, methods)):
         if "shared" not in methods:
@@ -93,23 +90,14 @@ def compare(
     results, timings, cache = {}, {}, prefix_cache
     for method in methods:
         started = time.time()
-        base, cfg = method_config(method, config)
+        base, cfg, _ = method_config(method, config)
         if starts_from_shared(method):
             frozen = cfg.freeze_shared or (freeze_shared and base != "shared")
             cfg = replace(cfg, init_from=str(out / "shared"), freeze_shared=frozen)
-        torch.manual_seed(cfg.seed)
-        model = PersonalizedRewardModel.from_backbone(
-            backbone, splits.users, replace(adapter, method=base), max_length=cfg.max_length
-        )
+        model = build_model(source, splits.users, replace(adapter, method=base), cfg)
         run = train(model, splits.train, splits.val, cfg, out / method, False, cache, splits.refit)
         cache = run["prefix_cache"]
-        metrics = evaluate(
-            model,
-            test,
-            split="test" if splits.test else "val",
-            seed=config.seed,
-            prefix_cache=cache,
-        )
+        metrics = test_metrics(model, splits, config, cache)
         metrics["strength"] = run["summary"]["strength"]
         metrics["served"] = run["summary"]["served"]
         if model.adapter_config.personalized and len(splits.users) > 1:

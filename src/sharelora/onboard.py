@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 from .data import Comparison
-from .train import TrainConfig, train
+from .presets import PRESETS
+from .recipe import TrainConfig, train
 
 
 def onboard(
@@ -40,16 +41,10 @@ def onboard(
     model.add_users(new)
     for p in model.shared_parameters():
         p.requires_grad_(False)
-    # The model's own token budget: another max_length would re-tokenize existing users.
-    # Strength 1: shrinking toward the population would move every existing user too; and the
-    # population stays as trained (a learner here would learn from the new users alone).
-    cfg = replace(
-        config or TrainConfig(),
-        sparse_users="on",
-        warmup_epochs=0,
-        init_from=None,
-        strength=1.0,
-        max_length=model.max_length,
-        train_population=False,
-    )
+    # The preset onboard: row-sparse, so that only the new users' rows move; strength 1, as
+    # shrinking toward the population would move every existing user too; and the population
+    # as trained (a learner here would learn from the new users alone). The model's own token
+    # budget: another max_length would re-tokenize existing users.
+    settings = PRESETS["onboard"].settings
+    cfg = replace(config or TrainConfig(), **settings, max_length=model.max_length)
     return train(model, data, val_data, cfg, output_dir)

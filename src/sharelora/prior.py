@@ -24,12 +24,13 @@ from accelerate import PartialState
 from .config import PRIOR_GRID, TrainConfig
 from .files import clear_run_state, write_json
 from .strength import snapshot
+from .train import Trainer
 
 
-def search_prior(train_once, model, train_data, val_data, cfg: TrainConfig, output_dir, cache):
-    """Train ``model`` once per τ in ``PRIOR_GRID`` with ``train_once`` (``train``'s
-    signature) and leave it at the try with the lowest calibrated validation loss; returns
-    ``train``'s dict, whose summary gains ``prior_search`` (τ: that loss)."""
+def search_prior(model, train_data, val_data, cfg: TrainConfig, output_dir, cache):
+    """Train ``model`` once per τ in ``PRIOR_GRID`` and leave it at the try with the lowest
+    calibrated validation loss; returns the run's dict (``Trainer.finish``), whose summary
+    gains ``prior_search`` (τ: that loss)."""
     if not val_data:
         raise ValueError(
             "prior='auto' chooses the prior on validation, and there are no validation pairs: "
@@ -44,9 +45,9 @@ def search_prior(train_once, model, train_data, val_data, cfg: TrainConfig, outp
         model.set_trainable(start)
         model.population = population
         where = out / f"prior-{tau:g}" if out is not None else None
-        run = train_once(
-            model, train_data, val_data, replace(cfg, prior=tau), where, prefix_cache=cache
-        )
+        run = Trainer(
+            model, train_data, val_data, replace(cfg, prior=tau), where, False, cache
+        ).run()
         cache = run["prefix_cache"]
         losses[tau] = run["val_metrics"]["calibrated_loss"]
         if best is None or losses[tau] < losses[best[0]]:

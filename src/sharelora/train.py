@@ -1,5 +1,7 @@
 """The training loop: one ``accelerate`` loop for CPU, one GPU, or many (``accelerate launch``).
 
+``sharelora.recipe`` runs it (choose on validation, then refit); this module is one run.
+
 A run is a ``Trainer`` with explicit state, read top to bottom::
 
     setup (__init__)  ─►  for each epoch: run_epoch ─► evaluate ─► checkpoint  ─►  finish
@@ -19,7 +21,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, DataLoaderConfiguration, PartialState
+from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -28,17 +30,15 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from . import population
 from .checkpoint import Progress, load_checkpoint, resolve_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .data import Comparison, PairDataset, seen_share
-from .determinism import deterministic_mode
+from .data import Comparison, PairDataset
 from .evaluate import predict_margins, summarize
-from .files import clear_run_state, run_lock, write_json
+from .files import clear_run_state, write_json
 from .optim import build_optimizer, build_scheduler, clip_grad_norm_
 from .pairs import PairRun, bt_loss, pair_correct
 from .prefix import PrefixCache
-from .prior import search_prior
-from .strength import apply_scale, apply_strength, snapshot
+from .strength import apply_scale, apply_strength
 
-__all__ = ["TrainConfig", "Trainer", "TrainingError", "train"]
+__all__ = ["Trainer", "TrainingError"]
 
 
 class TrainingError(RuntimeError):
@@ -93,6 +93,11 @@ class Trainer:
             dataloader_config=DataLoaderConfiguration(split_batches=True),
         )
         self._clear_previous_run(resume)
+        if cfg.freeze_shared and not cfg.init_from:
+            raise ValueError(
+                "freeze_shared keeps the shared tensors of the model it starts from: start from "
+                "one (--init-from DIR, or train's default --from-shared)"
+            )
         if cfg.init_from:
             from .model import PersonalizedRewardModel
 
@@ -418,112 +423,3 @@ def served(model, strength: float) -> str:
     if not model.adapter_config.personalized:
         return "shared"
     return "population" if strength == 0 else "personal"
-
-
-def _fit(model, train_data, val_data, cfg, output_dir, resume=False, prefix_cache=None, scale=None):
-    """One run, or with ``prior="auto"`` one run per τ of ``PRIOR_GRID`` (``search_prior``)."""
-    if cfg.prior == "auto":
-        if resume:
-            raise ValueError("--resume continues one run; with --prior auto start afresh")
-        return search_prior(_fit, model, train_data, val_data, cfg, output_dir, prefix_cache)
-    trainer = Trainer(model, train_data, val_data, cfg, output_dir, resume, prefix_cache, scale)
-    return trainer.run()
-
-
-def _refit(model, train_data, val_data, refit_data, cfg, output_dir, resume, prefix_cache):
-    """Choose on validation, then train again from the same start on ``refit_data`` with the
-    choices made: the epochs (``select_best``), the prior's τ (``prior="auto"``) and the
-    strength's scale. The choosing run lives in ``OUTPUT/select/``; the refit is the model."""
-    start, start_population = snapshot(model), model.population
-    out = Path(output_dir) if output_dir is not None else None
-    select = out / "select" if out is not None else None
-    done = select is not None and resume and (select / "sharelora.json").exists()
-    if done:  # --resume after the choosing run finished: its choices are on disk
-        chosen = json.loads((select / "sharelora.json").read_text())["training"]
-        val_metrics = json.loads((select / "val_metrics.json").read_text())
-    else:
-        if out is not None and PartialState().is_main_process:
-            clear_run_state(out)  # the choosing run is not resumed from OUTPUT's checkpoints
-        run = _fit(model, train_data, val_data, cfg, select, resume, prefix_cache)
-        chosen, val_metrics = run["summary"], run["val_metrics"]
-        prefix_cache = run["prefix_cache"]
-    model.set_trainable(start)
-    model.population = start_population
-    scale = None  # a fixed strength is the config's; "auto" repeats the chosen κ / median n
-    if cfg.strength == "auto":
-        scale = 1 / chosen["strength"] - 1 if chosen["strength"] else math.inf
-        if chosen["served"] == "population" and chosen.get("fallback") == "start":
-            scale = "start"  # the refit serves the shared model it started from
-    refit = replace(
-        cfg,
-        epochs=chosen["best_epochs"] if cfg.select_best else cfg.epochs,
-        prior=chosen["prior"],
-        select_best=False,
-    )
-    again = resume and done and (out / "checkpoints" / "last").exists()
-    if scale == "start":  # serving the start needs no training: finish without a step
-        run = Trainer(model, refit_data, None, refit, out, False, prefix_cache, scale).finish()
-    else:
-        run = _fit(model, refit_data, None, refit, out, again, prefix_cache, scale)
-    summary = {
-        **run["summary"],
-        "config": asdict(cfg),
-        "validation": {
-            "pairs": len(val_data),
-            "seen_text_share": seen_share(val_data, train_data),
-            "selection_train_pairs": len(train_data),
-            "refit_pairs": len(refit_data),
-        },
-        "select": {k: chosen.get(k) for k in SELECTED},
-    }
-    if out is not None and PartialState().is_main_process:
-        model.save_pretrained(out, training=summary)
-        if val_metrics:
-            write_json(out / "val_metrics.json", val_metrics)
-    return {**run, "summary": summary, "val_metrics": val_metrics}
-
-
-# What the choosing run of a refit decided, kept in the refit's summary.
-SELECTED = (
-    "best_epochs",
-    "prior",
-    "prior_search",
-    "strength",
-    "served",
-    "fallback",
-    "shrinkage_val",
-)
-
-
-def train(
-    model,
-    train_data: list[Comparison],
-    val_data: list[Comparison] | None = None,
-    config: TrainConfig | None = None,
-    output_dir: str | Path | None = None,
-    resume: bool = False,
-    prefix_cache: PrefixCache | None = None,
-    refit_data: list[Comparison] | None = None,
-) -> dict:
-    """Train ``model`` in place with the Bradley-Terry loss; returns ``{"summary",
-    "val_metrics", "prefix_cache"}``.
-
-    With ``output_dir`` it writes ``train_log.jsonl``, checkpoints (``checkpoints/last`` every
-    epoch, ``checkpoints/best`` on validation), the final model (the best on validation when
-    there is one) and, with validation data, ``val_metrics.json``. ``resume`` continues from
-    ``checkpoints/last`` exactly: weights, optimizer, schedule, RNG and data position.
-
-    With ``refit_data`` (every non-test pair, ``Splits.refit``), validation data and
-    ``config.refit``, the run chooses on ``train_data`` / ``val_data`` and then refits on
-    ``refit_data`` with the choices made (``_refit``).
-    """
-    config = config or TrainConfig()
-    if config.prior == "auto" and not model.adapter_config.personalized:
-        config = replace(config, prior=0.0)  # no user deviations to hold back
-    # The lock: two runs writing one directory would corrupt it.
-    with run_lock(output_dir), deterministic_mode(config.deterministic):
-        if config.refit and val_data and refit_data:
-            return _refit(
-                model, train_data, val_data, refit_data, config, output_dir, resume, prefix_cache
-            )
-        return _fit(model, train_data, val_data, config, output_dir, resume, prefix_cache)

@@ -9,59 +9,8 @@ import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..config import SplitConfig
 from .records import Comparison, DataError
-
-VAL_BY = ("auto", "row", "group", "text")
-
-
-@dataclass
-class SplitConfig:
-    """How comparisons are selected and split (seeded, deterministic).
-
-    Attributes:
-        val, test: fractions of each user's comparisons (train gets the rest).
-        seed: drives every shuffle.
-        top_users: keep the K users with the most comparisons (ties broken by name).
-        min_per_user: drop users with fewer comparisons than this.
-        max_per_user: cap each user's *training* comparisons at the first n after a seeded
-            shuffle: the per-user sample size of the paper's theory.
-        holdout_users: keep K whole users (drawn with the seed) out of training, for onboarding.
-        val_by: how validation is carved from each user's non-test rows, so that it asks the
-            test's question: ``"group"`` (whole groups, as the test), ``"text"`` (texts are
-            held out: a pair of two held-out texts is validation, a pair of one held-out and
-            one training text is left out of the selection fit, as a test of new texts is
-            built), ``"row"`` (at random) or ``"auto"``: ``group`` when there is a group
-            column and no split column, else ``text``. A reward model in RLHF scores texts it
-            never saw, so that is the question validation asks unless the data says otherwise;
-            a random carve over seen texts rewards memorising a user's verdict on a text.
-    """
-
-    val: float = 0.1
-    test: float = 0.2
-    seed: int = 0
-    top_users: int | None = None
-    min_per_user: int = 1
-    max_per_user: int | None = None
-    holdout_users: int = 0
-    val_by: str = "auto"
-
-    def __post_init__(self):
-        for name in ("val", "test"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not 0 <= value < 1:
-                raise ValueError(f"{name} fraction must be in [0, 1), got {value!r}")
-        if self.val + self.test >= 1:
-            raise ValueError(f"val + test must leave data to train on, got {self.val + self.test}")
-        for name in ("top_users", "max_per_user"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
-        if not isinstance(self.min_per_user, int) or self.min_per_user < 1:
-            raise ValueError(f"min_per_user must be a positive integer, got {self.min_per_user!r}")
-        if not isinstance(self.holdout_users, int) or self.holdout_users < 0:
-            raise ValueError(f"holdout_users must be >= 0, got {self.holdout_users!r}")
-        if self.val_by not in VAL_BY:
-            raise ValueError(f"val_by must be one of {VAL_BY}, got {self.val_by!r}")
 
 
 @dataclass
