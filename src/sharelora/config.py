@@ -64,7 +64,7 @@ class UsageError(ValueError):
 # whether the score head gets a per-user offset. core: None (B A), "core" (B C_u A) or "diag"
 # (B diag(d_u) A); head: w_u = w̄ + δ_u over the adapted features (sharelora.head), alone over
 # shared LoRA or beside sharelora's A_u (a user's taste both in the features and in how they
-# are scored; +0.2 to +0.5 points over sharelora on Jester's seen jokes, docs/personalization.md).
+# are scored; +0.2 to +0.5 points over sharelora on Jester's seen jokes, docs/research-log.md).
 METHODS: dict[str, dict] = {
     "shared": {"user_a": False, "user_b": False, "core": None, "head": False},
     "independent": {"user_a": True, "user_b": True, "core": None, "head": False},

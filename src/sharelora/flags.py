@@ -124,3 +124,27 @@ def configs(args: argparse.Namespace, **extra) -> Configs:
     return Configs(
         *(build(cls) for cls in (DataConfig, SplitConfig, AdapterConfig, RunConfig, TrainConfig))
     )
+
+
+def reference() -> str:
+    """Every field flag as a markdown table by group (docs/guide.md; ``python -m
+    sharelora.flags``): what ``train`` takes, with the default and what it does."""
+    lines = []
+    order = list(GROUPS)
+    chosen = sorted(flag_fields().items(), key=lambda item: order.index(item[1].metadata["group"]))
+    group = None
+    for name, f in chosen:
+        meta = f.metadata
+        if meta["group"] != group:
+            group = meta["group"]
+            lines += ["", f"**{GROUPS[group]}**", "", "| flag | default | what it does |"]
+            lines.append("|---|---|---|")
+        flag = "--" + name.replace("_", "-")
+        star = " (in `--help`)" if meta["essential"] else ""
+        default = "" if f.default is None else f"`{f.default}`"
+        lines.append(f"| `{flag}`{star} | {default} | {meta['help']} |")
+    return "\n".join(lines[1:])
+
+
+if __name__ == "__main__":
+    print(reference())

@@ -17,7 +17,7 @@ for every method. The likelihood is that of the ranking the rewards make, with o
 the margins profiled out (``evaluate.calibrated_loss``): a personal model fitted on a few
 comparisons is over-confident, and shrinking it lowers the raw loss by taming that scale even
 where it ranks worse (on Jester's seen jokes the raw loss chose a strong shrinkage that cost
-test accuracy; see docs/personalization.md). Where users agree it picks a large κ (every
+test accuracy; see docs/research-log.md). Where users agree it picks a large κ (every
 user near the population; at κ = ∞ the model *is* the population); where they disagree, a
 small one. A number ``γ`` in [0, 1] instead moves every user by that same fraction.
 
@@ -28,7 +28,7 @@ of the lowest, the error being that of the paired difference with the validation
 clustered by user (``paired_se``). It keeps the population unless validation says clearly that
 users differ: on Jester's new jokes that helped ``independent`` and ``head`` by 1.2-1.4 points,
 but it cost ``sharelora`` 4.9 points on the demo, whose validation holds 12 pairs per user
-(docs/personalization.md).
+(docs/research-log.md).
 """
 
 from __future__ import annotations
