@@ -89,3 +89,24 @@ def write_json(path: str | None, payload: dict) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(payload, indent=1))
+
+
+def mean_sd(values: list[float]) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else float("nan")
+    sd_text = f" ± {sd:.3f}" if len(values) > 1 else ""
+    return f"{statistics.mean(values):.3f}{sd_text} ({len(values)})"
+
+
+def grid_table(title: str, ns: list[str], methods: list[str], cell) -> list[str]:
+    """Markdown lines: one row per method whose ``cell(n, method)`` is not all "—"."""
+    lines = [
+        title,
+        "",
+        "| method | " + " | ".join(f"n={n}" for n in ns) + " |",
+        "|---|" + "---:|" * len(ns),
+    ]
+    for method in methods:
+        row = [cell(n, method) for n in ns]
+        if any(r != "—" for r in row):
+            lines.append(f"| {method} | " + " | ".join(row) + " |")
+    return lines + [""]

@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ukp_report import _grid_table, _mean_sd
+from common import grid_table, mean_sd
 
 from sharelora import DEFAULT_BACKBONE, AdapterConfig
 from sharelora.compare import compare
@@ -191,7 +191,7 @@ def tables(store: dict, methods: list[str], title: str) -> str:
 
         def accuracy(n, method):
             runs = pick(n, method, "macro_accuracy")
-            return _mean_sd(runs) if runs else "—"
+            return mean_sd(runs) if runs else "—"
 
         def strength(n, method):
             if method.startswith("shared"):
@@ -204,10 +204,10 @@ def tables(store: dict, methods: list[str], title: str) -> str:
             return f"{statistics.mean(runs):.3f}" if runs else "—"
 
         room = statistics.mean(c["room"] for c in mine if c.get("room") is not None)
-        lines += _grid_table(f"## {protocol}, K={mine[0]['K']}", ns, methods, accuracy)
+        lines += grid_table(f"## {protocol}, K={mine[0]['K']}", ns, methods, accuracy)
         lines += [f"Room for personalization: users disagree on {room:.0%} of shared pairs.", ""]
-        lines += _grid_table("Strength chosen (the median user's γ)", ns, methods, strength)
-        lines += _grid_table("Shuffled-user control (macro accuracy)", ns, methods, shuffled)
+        lines += grid_table("Strength chosen (the median user's γ)", ns, methods, strength)
+        lines += grid_table("Shuffled-user control (macro accuracy)", ns, methods, shuffled)
     return "\n".join(lines)
 
 

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from real_grid import ADAPTER, add_settings, settings_of
-from ukp_report import report
+from ukp_report import METHODS, report
 
 from sharelora import DEFAULT_BACKBONE
 from sharelora.backbone import load_backbone
@@ -38,10 +38,6 @@ from sharelora.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "ukp-convarg1" / "pairs.jsonl.gz"
-METHODS = ",".join(
-    ["shared", "shared+from-shared", "independent", "sharelora", "sharelora-head"]
-    + ["sharelora-b", "core", "diag", "sharelora+warmup"]
-)
 
 
 def args_():

@@ -16,10 +16,17 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from common import grid_table, mean_sd
+
 ROOT = Path(__file__).resolve().parents[1]
 HEADLINE = (20, "50")
 GRID = {"K": [20, 5], "n": ["25", "50", "100", "all"], "seeds": 3}
 ALL_PAIRS = {20: 15594, 5: 7647}  # training pairs at n=all, seed 0
+# The methods of the UKP grid (benchmarks/real_ukp.py runs them, this module reports them).
+METHODS = ",".join(
+    ["shared", "shared+from-shared", "independent", "sharelora", "sharelora-head"]
+    + ["sharelora-b", "core", "diag", "sharelora+warmup"]
+)
 
 
 def _n_key(n: str) -> float:
@@ -34,29 +41,8 @@ def _groups(cells: list[dict]) -> dict[tuple, list[dict]]:
     return out
 
 
-def _mean_sd(values: list[float]) -> str:
-    sd = statistics.stdev(values) if len(values) > 1 else float("nan")
-    sd_text = f" ± {sd:.3f}" if len(values) > 1 else ""
-    return f"{statistics.mean(values):.3f}{sd_text} ({len(values)})"
-
-
-def _grid_table(title: str, ns: list[str], methods: list[str], cell) -> list[str]:
-    """Markdown lines: one row per method whose ``cell(n, method)`` is not all "—"."""
-    lines = [
-        title,
-        "",
-        "| method | " + " | ".join(f"n={n}" for n in ns) + " |",
-        "|---|" + "---:|" * len(ns),
-    ]
-    for method in methods:
-        row = [cell(n, method) for n in ns]
-        if any(r != "—" for r in row):
-            lines.append(f"| {method} | " + " | ".join(row) + " |")
-    return lines + [""]
-
-
 def _accuracy(runs: list[dict], key: str) -> str:
-    return _mean_sd([c[key] for c in runs]) if runs else "—"
+    return mean_sd([c[key] for c in runs]) if runs else "—"
 
 
 def _paired(runs: list[dict], base: list[dict]) -> str:
@@ -81,7 +67,7 @@ def tables(cells: list[dict], methods: list[str]) -> str:
     for k in sorted({c["K"] for c in cells}, reverse=True):
         ns = sorted({c["n"] for c in cells if c["K"] == k}, key=_n_key)
         for key in ("macro_accuracy", "micro_accuracy"):
-            lines += _grid_table(
+            lines += grid_table(
                 f"**K = {k} workers, {key.split('_')[0]} test accuracy** "
                 "(mean ± sd over seeds; runs in brackets)",
                 ns,
@@ -89,7 +75,7 @@ def tables(cells: list[dict], methods: list[str]) -> str:
                 lambda n, m, k=k, key=key: _accuracy(groups.get((k, n, m), []), key),
             )
         for base in ("shared", "shared+from-shared"):
-            lines += _grid_table(
+            lines += grid_table(
                 f"**K = {k}: macro accuracy minus `{base}`, paired by seed** (mean ± sd)",
                 ns,
                 [m for m in methods if m != base],
@@ -97,7 +83,7 @@ def tables(cells: list[dict], methods: list[str]) -> str:
                     groups.get((k, n, m), []), groups.get((k, n, base), [])
                 ),
             )
-        lines += _grid_table(
+        lines += grid_table(
             f"**K = {k}: personalization strength chosen on validation** (per seed)",
             ns,
             methods,
@@ -231,8 +217,6 @@ def report(store: dict, methods: list[str], md: Path, png: Path) -> str:
 
 
 if __name__ == "__main__":
-    from real_ukp import METHODS
-
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "real_ukp.json"))
     p.add_argument("--methods", default=METHODS)

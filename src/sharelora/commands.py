@@ -159,10 +159,11 @@ def cmd_simulate(args) -> None:
 
 
 def cmd_export(args) -> None:
+    from .export import export_user
     from .model import PersonalizedRewardModel
 
     model = PersonalizedRewardModel.from_pretrained(args.model)
-    model.export_user(args.user, args.output, format=args.format)
+    export_user(model, args.user, args.output, format=args.format)
     _log(f"exported {args.format} model for user {args.user} -> {args.output}")
 
 

@@ -1,7 +1,13 @@
-"""Per-user exports: a merged plain transformers model, or a standard PEFT LoRA adapter."""
+"""Per-user exports: a merged plain transformers model, or a standard PEFT LoRA adapter.
+
+Free functions over a ``PersonalizedRewardModel`` (the model does not import this module)::
+
+    export_user(model, "bob", "rm-bob", format="merged")
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,11 +33,40 @@ def _provenance(model: PersonalizedRewardModel, user, fmt: str) -> dict:
     }
 
 
+def export_user(model: PersonalizedRewardModel, user, directory, format: str = "merged") -> None:
+    """Write one user's reward model as a plain transformers (``merged``) or PEFT directory."""
+    exporters = {"merged": export_merged, "peft": export_peft}
+    if format not in exporters:
+        raise ValueError(f"unknown export format {format!r}; choose merged or peft")
+    exporters[format](model, user, Path(directory))
+
+
+@contextlib.contextmanager
+def merged_backbone(model: PersonalizedRewardModel, user):
+    """The backbone with ``W0 + s·ΔW_u`` fused into plain layers, for the ``with`` block.
+
+    Only the adapted layers are copied; the adapters are put back on exit.
+    """
+    uid = model.user_index(user)
+    originals = {}
+    try:
+        for name, layer in model.adapter_layers.items():
+            parent_name, _, child = name.rpartition(".")
+            parent = model.backbone.get_submodule(parent_name)
+            # The module in place: the adapter layer, or the hooked head for ``head``.
+            originals[name] = (parent, child, getattr(parent, child))
+            setattr(parent, child, layer.merged_base(uid))
+        yield model.backbone
+    finally:
+        for parent, child, module in originals.values():
+            setattr(parent, child, module)
+
+
 def export_merged(model: PersonalizedRewardModel, user, directory: Path) -> None:
     """``W0 + s·ΔW_u`` fused: ``AutoModelForSequenceClassification.from_pretrained(directory)``
     loads it with no sharelora installed and zero adapter overhead."""
     directory.mkdir(parents=True, exist_ok=True)
-    with model.merged_backbone(user) as plain:
+    with merged_backbone(model, user) as plain:
         plain.save_pretrained(directory)
     if model.tokenizer is not None:
         model.tokenizer.save_pretrained(directory)

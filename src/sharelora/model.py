@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from collections.abc import Iterable
@@ -337,7 +336,6 @@ class PersonalizedRewardModel(nn.Module):
         for name, target in self.trainable_state_dict().items():
             target.copy_(tensors[name])
 
-    # ------------------------------------------------------------------------------- export
     def user_index(self, user: object | None) -> int | None:
         """The table row of ``user``; ``None`` for the ``shared`` method (one row for all)."""
         if not self.adapter_config.personalized:
@@ -345,35 +343,6 @@ class PersonalizedRewardModel(nn.Module):
         if user is None:
             raise ValueError(f"method {self.adapter_config.method!r} is personalized: name a user")
         return self.users.id(user)
-
-    @contextlib.contextmanager
-    def merged_backbone(self, user: object | None):
-        """The backbone with ``W0 + s·ΔW_u`` fused into plain layers, for the ``with`` block.
-
-        Only the adapted layers are copied; the adapters are put back on exit.
-        """
-        uid = self.user_index(user)
-        originals = {}
-        try:
-            for name, layer in self.adapter_layers.items():
-                parent_name, _, child = name.rpartition(".")
-                parent = self.backbone.get_submodule(parent_name)
-                # The module in place: the adapter layer, or the hooked head for ``head``.
-                originals[name] = (parent, child, getattr(parent, child))
-                setattr(parent, child, layer.merged_base(uid))
-            yield self.backbone
-        finally:
-            for parent, child, module in originals.values():
-                setattr(parent, child, module)
-
-    def export_user(self, user: object | None, directory: str | Path, format: str = "merged"):
-        """Write one user's reward model as a plain transformers (``merged``) or PEFT directory."""
-        from .export import export_merged, export_peft
-
-        exporters = {"merged": export_merged, "peft": export_peft}
-        if format not in exporters:
-            raise ValueError(f"unknown export format {format!r}; choose merged or peft")
-        exporters[format](self, user, Path(directory))
 
 
 def _read_checked(path: Path, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
