@@ -81,7 +81,7 @@ def test_deepcopy_gives_independent_working_model(model):
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        ({"method": "lora"}, "method must be one of shared, independent"),
+        ({"method": "lora"}, "method must be one of shared, sharelora, sharelora-head"),
         ({"rank": 0}, "rank must be a positive integer"),
         ({"alpha": -1}, "alpha must be a positive number"),
         ({"dropout": 1.0}, r"dropout must be in \[0, 1\)"),

@@ -84,7 +84,7 @@ def test_mixed_batch_equals_each_user_alone(tiny_dirs, arch, method):
                 user_ids=users[row : row + 1],
             )
             torch.testing.assert_close(mixed[row : row + 1], alone, atol=ATOL, rtol=1e-5)
-    if METHODS[method] != METHODS["shared"]:
+    if METHODS[method].personalized:
         # Routing matters: the same rows under other users give other rewards.
         other = model(input_ids=ids, attention_mask=mask, user_ids=(users + 1) % 3)
         assert not torch.allclose(mixed, other, atol=1e-3)
@@ -225,3 +225,30 @@ def test_gradient_checkpointing_keeps_routing(tiny_dirs, arch):
     assert calls == [1, 2], "with checkpointing the layer must run again in backward"
     for plain, ckpt in zip(*grads, strict=True):
         torch.testing.assert_close(plain, ckpt, atol=1e-6, rtol=1e-5)
+
+
+def test_a_registered_method_needs_no_other_code(tiny_dirs, tmp_path, request):
+    """A new method is one ``MethodSpec``: routing, the dense reference and the PEFT export
+    follow from it (here: A_u with a per-user diagonal, B shared)."""
+    from sharelora.config import MethodSpec, register_method
+
+    request.addfinalizer(lambda: METHODS.pop("sharelora-diag", None))
+    register_method("sharelora-diag", MethodSpec(("A",), mixer="diag", help="A_u and d_u"))
+    with pytest.raises(ValueError, match="taken"):
+        register_method("sharelora-diag", MethodSpec())
+    model = build(tiny_dirs["llama"], "sharelora-diag")
+    randomize(model, seed=4)
+    assert {t.shape[0] for t in model.user_parameters()} == {len(USERS)}
+    ids, mask = tiny_batch(seed=4)
+    for user in range(len(USERS)):
+        with torch.no_grad():
+            got = model(input_ids=ids, attention_mask=mask, user_ids=torch.full((6,), user))
+        ref = rewards(dense_reference(model, tiny_dirs["llama"], user), ids, mask)
+        torch.testing.assert_close(got, ref, atol=ATOL, rtol=1e-4)
+    export_user(model, "bob", tmp_path / "bob", format="peft")
+    base = fresh(tiny_dirs["llama"])
+    peft = PeftModel.from_pretrained(base, tmp_path / "bob").eval()
+    torch.testing.assert_close(
+        rewards(peft, ids, mask), rewards(dense_reference(model, tiny_dirs["llama"], 1), ids, mask),
+        atol=ATOL, rtol=1e-4,
+    )  # fmt: skip

@@ -207,6 +207,56 @@ class _UserTables(nn.Module):
         return ids.to(x.device)
 
 
+class _Mixer:
+    """What a method puts between A and B (``MethodSpec.mixer``): nothing here. A mixer owns
+    one per-user table, applies it in the forward pass and folds it into A for exports and
+    the weight prior, so the layer never branches on the method."""
+
+    table: str | None = None
+
+    def identity(self, n: int, r: int, kw: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    def mix(self, z: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return z
+
+    def fold(self, a: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return a
+
+
+class _Core(_Mixer):
+    """``B C_u A``: an ``r × r`` core per user, starting at the identity."""
+
+    table = "user_C"
+
+    def identity(self, n, r, kw):
+        return torch.eye(r, **kw).expand(n, r, r).clone()  # [N, r, r]
+
+    def mix(self, z, rows):
+        return torch.bmm(z, rows.transpose(1, 2))  # [b,T,r] x [b,r,r]
+
+    def fold(self, a, rows):
+        return rows @ a  # [k, r, r] x [k, r, in]
+
+
+class _Diag(_Mixer):
+    """``B diag(d_u) A``: r scales per user, starting at one."""
+
+    table = "user_d"
+
+    def identity(self, n, r, kw):
+        return torch.ones(n, r, **kw)  # [N, r]
+
+    def mix(self, z, rows):
+        return z * rows.unsqueeze(1)  # [b,T,r] * [b,1,r]
+
+    def fold(self, a, rows):
+        return rows.unsqueeze(2) * a  # [k, r, 1] * [k, r, in]
+
+
+MIXERS: dict[str | None, _Mixer] = {None: _Mixer(), "core": _Core(), "diag": _Diag()}
+
+
 class PersonalLoRALayer(_UserTables):
     """Wraps a frozen ``nn.Linear`` or transformers ``Conv1D`` with per-user low-rank updates.
 
@@ -242,26 +292,24 @@ class PersonalLoRALayer(_UserTables):
         self.router = router
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
 
-        spec = METHODS[config.method]
-        self.user_a, self.user_b, self.core = spec["user_a"], spec["user_b"], spec["core"]
+        self.spec = spec = METHODS[config.method]
+        self.mixer = MIXERS[spec.mixer]
         # Adapters train in fp32 (or fp64 in exactness tests) whatever the backbone's dtype.
         kw = {"device": weight.device, "dtype": weight.dtype}
         if weight.dtype not in (torch.float32, torch.float64):
             kw["dtype"] = torch.float32
         independent = config.user_init == "independent"
-        if self.user_a:
+        if "A" in spec.per_user:
             self.user_A = nn.Parameter(self._user_table(num_users, (r, in_f), kw, independent))
         else:
             self.lora_A = nn.Parameter(_kaiming_(torch.empty(r, in_f, **kw)))
-        if self.user_b:
+        if "B" in spec.per_user:
             self.user_B = nn.Parameter(torch.zeros(num_users, out_f, r, **kw))
         else:
             self.lora_B = nn.Parameter(torch.zeros(out_f, r, **kw))
-        if self.core == "core":
-            eye = torch.eye(r, **kw)
-            self.user_C = nn.Parameter(eye.expand(num_users, r, r).clone())
-        elif self.core == "diag":
-            self.user_d = nn.Parameter(torch.ones(num_users, r, **kw))
+        if self.mixer.table:
+            setattr(self, self.mixer.table, nn.Parameter(self.mixer.identity(num_users, r, kw)))
+        self.personal = bool(self.user_parameters)
         base_layer.requires_grad_(False)
 
     @staticmethod
@@ -274,38 +322,35 @@ class PersonalLoRALayer(_UserTables):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)
-        personal = self.user_a or self.user_b or self.core is not None
-        ids = self._user_ids(x) if personal else None
+        ids = self._user_ids(x) if self.personal else None
         lead = x.shape[:-1]
         h = self.dropout(x).to(self._dtype).reshape(x.shape[0], -1, self.in_features)  # [b,T,in]
-        if self.user_a:
-            z = torch.bmm(
-                h, self._rows(self.user_A, ids).transpose(1, 2)
-            )  # [b,T,in] x [b,in,r] -> [b,T,r]
-        else:
-            z = h @ self.lora_A.T  # [b,T,r]
-        if self.core == "core":
-            z = torch.bmm(z, self._rows(self.user_C, ids).transpose(1, 2))  # [b,T,r] x [b,r,r]
-        elif self.core == "diag":
-            z = z * self._rows(self.user_d, ids).unsqueeze(1)  # [b,T,r] * [b,1,r]
-        if self.user_b:
-            delta = torch.bmm(
-                z, self._rows(self.user_B, ids).transpose(1, 2)
-            )  # [b,T,r] x [b,r,out]
-        else:
-            delta = z @ self.lora_B.T  # [b,T,out]
+        z = self._through(h, "A", ids)  # [b,T,in] -> [b,T,r]
+        if self.mixer.table:
+            z = self.mixer.mix(z, self._rows(getattr(self, self.mixer.table), ids))  # [b,T,r]
+        delta = self._through(z, "B", ids)  # [b,T,r] -> [b,T,out]
         return out + (delta * self.scale).reshape(*lead, self.out_features).to(out.dtype)
+
+    def _through(self, h: torch.Tensor, key: str, ids: torch.Tensor | None) -> torch.Tensor:
+        """``h [b,T,d]`` through factor ``key`` (``A`` or ``B``): each row's own with a gathered
+        ``bmm`` when users own it, else one shared ``matmul``."""
+        table = getattr(self, f"user_{key}", None)
+        if table is not None:
+            return torch.bmm(h, self._rows(table, ids).transpose(1, 2))  # [b,T,d] x [b,d,k]
+        return h @ getattr(self, f"lora_{key}").T
 
     def _factors(self, rows: dict[str, torch.Tensor], k: int):
         """``(A_eff [k, r, in], B [k, out, r])`` from per-user rows ``{table name: [k, ...]}``
-        (a core folded into A); shared factors are detached, so a prior on the weight change
+        (the mixer folded into A); shared factors are detached, so a prior on the weight change
         never shrinks what every user shares."""
-        a = rows["user_A"] if self.user_a else self.lora_A.detach().expand(k, -1, -1)
-        if self.core == "core":
-            a = rows["user_C"] @ a  # [k, r, r] x [k, r, in]
-        elif self.core == "diag":
-            a = rows["user_d"].unsqueeze(2) * a  # [k, r, 1] * [k, r, in]
-        b = rows["user_B"] if self.user_b else self.lora_B.detach().expand(k, -1, -1)
+        a, b = (
+            rows[f"user_{key}"]
+            if f"user_{key}" in rows
+            else getattr(self, f"lora_{key}").detach().expand(k, -1, -1)
+            for key in ("A", "B")
+        )
+        if self.mixer.table:
+            a = self.mixer.fold(a, rows[self.mixer.table])
         return a, b
 
     def deviation_sq(

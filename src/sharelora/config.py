@@ -60,21 +60,43 @@ class UsageError(ValueError):
     """A bad flag, config file or argument combination; the CLI prints it as one line."""
 
 
-# Which factors each method keeps per user (the others are shared), its mixing core, and
-# whether the score head gets a per-user offset. core: None (B A), "core" (B C_u A) or "diag"
-# (B diag(d_u) A); head: w_u = w̄ + δ_u over the adapted features (sharelora.head), alone over
-# shared LoRA or beside sharelora's A_u (a user's taste both in the features and in how they
-# are scored; +0.2 to +0.5 points over sharelora on Jester's seen jokes, docs/research-log.md).
-METHODS: dict[str, dict] = {
-    "shared": {"user_a": False, "user_b": False, "core": None, "head": False},
-    "independent": {"user_a": True, "user_b": True, "core": None, "head": False},
-    "sharelora": {"user_a": True, "user_b": False, "core": None, "head": False},
-    "sharelora-b": {"user_a": False, "user_b": True, "core": None, "head": False},
-    "core": {"user_a": False, "user_b": False, "core": "core", "head": False},
-    "diag": {"user_a": False, "user_b": False, "core": "diag", "head": False},
-    "head": {"user_a": False, "user_b": False, "core": None, "head": True},
-    "sharelora-head": {"user_a": True, "user_b": False, "core": None, "head": True},
-}
+@dataclass(frozen=True)
+class MethodSpec:
+    """One method, in one place: which LoRA factors each user owns (the others are shared),
+    the per-user mixer between them, and whether the score head gets a per-user offset. The
+    layer (``adapters``), the prior, the exports and ``plan`` read only this."""
+
+    per_user: tuple[str, ...] = ()  # of "A" [r, in] and "B" [out, r]
+    mixer: str | None = None  # None: B A; "core": B C_u A (C_u [r, r]); "diag": B diag(d_u) A
+    head: bool = False  # w_u = w̄ + δ_u over the adapted features (sharelora.head)
+    help: str = ""
+
+    @property
+    def personalized(self) -> bool:
+        return bool(self.per_user) or self.mixer is not None or self.head
+
+
+# The registry: a new method is one entry here (``register_method``).
+METHODS: dict[str, MethodSpec] = {}
+
+
+def register_method(name: str, spec: MethodSpec) -> None:
+    if name in METHODS or "+" in name:
+        raise ValueError(f"method {name!r} is taken, or holds '+' (compare's METHOD+PRESET)")
+    METHODS[name] = spec
+
+
+for _name, _spec in {
+    "shared": MethodSpec(help="nothing: one reward for all"),
+    "sharelora": MethodSpec(("A",), help="A_u, with B shared (P-ShareLoRA)"),
+    "sharelora-head": MethodSpec(("A",), head=True, help="A_u and a score-head offset"),
+    "independent": MethodSpec(("A", "B"), help="A_u and B_u: a whole LoRA per user"),
+    "sharelora-b": MethodSpec(("B",), help="B_u, with A shared"),
+    "head": MethodSpec(head=True, help="a score-head offset over shared LoRA features"),
+    "core": MethodSpec(mixer="core", help="an r x r core C_u between shared B and A"),
+    "diag": MethodSpec(mixer="diag", help="r scales d_u between shared B and A"),
+}.items():
+    register_method(_name, _spec)
 USER_INITS = ("same", "independent")
 
 
@@ -195,11 +217,10 @@ class AdapterConfig:
 
     method: str = setting(
         "sharelora",
-        "what each user owns: shared (nothing), sharelora (A_u with a shared B), "
-        "sharelora-head (A_u and a head offset), independent (A_u and B_u), head, core, diag, "
-        "sharelora-b (docs/methods.md)",
+        "what each user owns: "
+        + "; ".join(f"{name}: {spec.help}" for name, spec in METHODS.items()),
         group="model",
-        choices=tuple(METHODS),
+        choices=METHODS,  # the registry itself: a registered method is a choice at once
         essential=True,
     )
     rank: int = setting(8, "LoRA rank r", group="model", rule=POSITIVE_INT, essential=True)
@@ -241,8 +262,7 @@ class AdapterConfig:
 
     @property
     def personalized(self) -> bool:
-        spec = METHODS[self.method]
-        return spec["user_a"] or spec["user_b"] or spec["core"] is not None or spec["head"]
+        return METHODS[self.method].personalized
 
     def to_dict(self) -> dict:
         return asdict(self)

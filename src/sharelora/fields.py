@@ -19,10 +19,11 @@ from typing import Any
 
 @dataclass(frozen=True)
 class Rule:
-    """``ok(value)`` is true for valid values; ``says`` completes "NAME ..., got VALUE"."""
+    """``ok(value)`` is true for valid values; ``says`` (or what it returns, when the
+    choices can grow) completes "NAME ..., got VALUE"."""
 
     ok: Callable[[Any], bool]
-    says: str
+    says: str | Callable[[], str]
 
 
 def _int(v) -> bool:
@@ -45,7 +46,8 @@ BOOL = Rule(lambda v: isinstance(v, bool), "must be true or false")
 
 
 def one_of(choices) -> Rule:
-    return Rule(lambda v: v in choices, f"must be one of {', '.join(map(str, choices))}")
+    """``choices`` may be a registry that grows (``config.METHODS``): read at check time."""
+    return Rule(lambda v: v in choices, lambda: f"must be one of {', '.join(map(str, choices))}")
 
 
 def number_or_auto(text: str) -> float | str:
@@ -102,4 +104,5 @@ def validate(config) -> None:
         rule = f.metadata.get("rule")
         value = getattr(config, f.name)
         if rule is not None and not rule.ok(value):
-            raise ValueError(f"{f.name} {rule.says}, got {value!r}")
+            says = rule.says() if callable(rule.says) else rule.says
+            raise ValueError(f"{f.name} {says}, got {value!r}")

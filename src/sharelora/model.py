@@ -85,7 +85,7 @@ class PersonalizedRewardModel(nn.Module):
         self.adapter_layers: dict[str, PersonalLoRALayer | PersonalHead] = inject_adapters(
             backbone, adapter, len(users), self.router
         )
-        if METHODS[adapter.method]["head"]:
+        if METHODS[adapter.method].head:
             name, linear = score_head(backbone)
             self.user_head = PersonalHead(linear, len(users), self.router, adapter.method)
             self.adapter_layers[name] = self.user_head

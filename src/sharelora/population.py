@@ -121,14 +121,14 @@ def from_shared(model, shared, factoring: str = "as-trained") -> dict[str, torch
                 )
             out[target] = src.reshape(out[target].shape).clone()
             targets[key] = target
-        if factoring == "orthonormal" and layer.user_a:
+        if factoring == "orthonormal" and "A" in layer.spec.per_user:
             a, b = (out[targets[key]] for key in ("A", "B"))  # [1?, r, in], [1?, out, r]
             a2, b2 = orthonormal_b(a.reshape(a.shape[-2:]), b.reshape(b.shape[-2:]))
             out[targets["A"]], out[targets["B"]] = a2.reshape(a.shape), b2.reshape(b.shape)
-        if layer.core == "core":
-            out[f"{name}.user_C"] = torch.eye(layer.rank).unsqueeze(0).to(out[f"{name}.user_C"])
-        elif layer.core == "diag":
-            out[f"{name}.user_d"].fill_(1.0)
+        if layer.mixer.table:  # the mixer at its identity: the user is the shared model
+            key = f"{name}.{layer.mixer.table}"
+            like = {"dtype": out[key].dtype, "device": out[key].device}
+            out[key] = layer.mixer.identity(len(out[key]), layer.rank, like)
     for name in model.trainable_backbone_names:
         out[name] = source[name].clone()
     return out
