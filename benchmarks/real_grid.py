@@ -43,8 +43,9 @@ def parser(doc: str, data: Path, name: str, n: str) -> argparse.ArgumentParser:
     p.add_argument("--n", default=n)
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--methods", default=METHODS)
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--lr", type=float, default=2e-3)
+    defaults = TrainConfig()  # the library's defaults, the one place they are written
+    p.add_argument("--epochs", type=int, default=defaults.epochs, help="passes over the pairs")
+    p.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate")
     p.add_argument(
         "--rank",
         type=int,
@@ -52,7 +53,9 @@ def parser(doc: str, data: Path, name: str, n: str) -> argparse.ArgumentParser:
         help="every method's rank (alpha = 2 * rank, so alpha/r stays 2); other than 8, pass a "
         "--json of its own (e.g. NAME_rank16.json)",
     )
-    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument(
+        "--max-length", type=int, default=defaults.max_length, help="token budget per text"
+    )
     add_settings(p, *SETTINGS)
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / f"{name}.json"))
     return p

@@ -49,9 +49,10 @@ def args_():
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--methods", default=METHODS)
     p.add_argument("--top-layers", type=int, default=1)
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--max-length", type=int, default=256)
+    defaults = TrainConfig()  # the library's defaults, the one place they are written
+    p.add_argument("--epochs", type=int, default=defaults.epochs)
+    p.add_argument("--lr", type=float, default=defaults.lr)
+    p.add_argument("--max-length", type=int, default=defaults.max_length)
     # Its stores do not record prior_on: every UKP cell ran on the factors.
     add_settings(p, "user_lr_scale", "prior", "init_factoring", "strength_rule")
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "real_ukp.json"))

@@ -68,7 +68,6 @@ def test_shared_has_no_prior_to_choose(tiny_text_backbone, tmp_path):
 @pytest.mark.parametrize(
     "call,message",
     [
-        (lambda m, out: train(m, DATA, None, _cfg(prior="auto"), out), "--val 0.1"),
         (lambda m, out: train(m, DATA, VAL, _cfg(prior="auto"), out, resume=True), "afresh"),
         (lambda m, out: _cfg(prior="wide"), "'auto'"),
         (lambda m, out: _cfg(prior=-1.0), "prior must be a number >= 0"),
@@ -77,6 +76,14 @@ def test_shared_has_no_prior_to_choose(tiny_text_backbone, tmp_path):
 def test_errors_say_how_to_fix(tiny_text_backbone, tmp_path, call, message):
     with pytest.raises(ValueError, match=message):
         call(_model(tiny_text_backbone), tmp_path)
+
+
+def test_auto_without_validation_is_the_default_and_says_so(tiny_text_backbone, tmp_path):
+    with pytest.warns(
+        UserWarning, match="no validation pairs: --prior auto trains at the default 1"
+    ):
+        run = train(_model(tiny_text_backbone), DATA, None, _cfg(prior="auto"), tmp_path)
+    assert run["summary"]["prior"] == 1.0 and run["summary"]["strength"] == 1.0
 
 
 def test_flag_reads_auto_or_a_number():

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from .config import DataConfig, RunConfig, TrainConfig, UsageError
@@ -46,6 +47,9 @@ def build_parser(show_all: bool = False) -> argparse.ArgumentParser:
         p.add_argument("--help-all", action=HelpAll, full=full)
         return p
 
+    def unknown_user(p, help: str) -> None:
+        p.add_argument("--unknown-user", choices=UNKNOWN_USER, default="error", help=help)
+
     def fields(p, **kw):
         add_fields(p, **{"show_all": show_all, **kw})
 
@@ -80,11 +84,9 @@ def build_parser(show_all: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="a trained model directory")
     p.add_argument("--output", help="write metrics.json here")
     p.add_argument("--batch-size", type=int, default=32, help="pairs per forward pass")
-    p.add_argument(
-        "--unknown-user",
-        choices=UNKNOWN_USER,
-        default="error",
-        help="score users the model does not know (a split dropped them, or they are new) with "
+    unknown_user(
+        p,
+        "score users the model does not know (a split dropped them, or they are new) with "
         "the population model; the metrics count the rows and users affected",
     )
 
@@ -96,12 +98,7 @@ def build_parser(show_all: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--prompt-col", default="prompt", help="column holding the prompt (optional)")
     p.add_argument("--user-col", default="user", help="column holding the user id")
     p.add_argument("--batch-size", type=int, default=32, help="rows per forward pass")
-    p.add_argument(
-        "--unknown-user",
-        choices=UNKNOWN_USER,
-        default="error",
-        help="score users the model does not know with the population adapter",
-    )
+    unknown_user(p, "score users the model does not know with the population adapter")
 
     p = command("onboard", "add new users from a few comparisons each")
     fields(
@@ -135,12 +132,7 @@ def build_parser(show_all: bool = False) -> argparse.ArgumentParser:
         default=5.0,
         help="how long a request waits for others to share its forward pass",
     )
-    p.add_argument(
-        "--unknown-user",
-        choices=UNKNOWN_USER,
-        default="error",
-        help="answer users the model does not know with the population model",
-    )
+    unknown_user(p, "answer users the model does not know with the population model")
 
     p = command("plan", "parameter and memory budget per method, from the config")
     p.add_argument("--users", type=int, required=True, help="number of users N")
@@ -271,8 +263,13 @@ def demo_argv(args: argparse.Namespace) -> list[str]:
     return argv + ([] if args.progress else ["--no-progress"])
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"sharelora: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    warnings.formatwarning = _one_line_warning  # a user's warning is one line, as errors are
     try:
         args = parse_args(argv)
         started, demo = time.time(), args.command == "demo"

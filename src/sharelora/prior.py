@@ -31,11 +31,6 @@ def search_prior(model, train_data, val_data, cfg: TrainConfig, output_dir, cach
     """Train ``model`` once per τ in ``PRIOR_GRID`` and leave it at the try with the lowest
     calibrated validation loss; returns the run's dict (``Trainer.finish``), whose summary
     gains ``prior_search`` (τ: that loss)."""
-    if not val_data:
-        raise ValueError(
-            "prior='auto' chooses the prior on validation, and there are no validation pairs: "
-            "pass validation data (--val 0.1) or a number (--prior 1)"
-        )
     start, population = snapshot(model), model.population
     out = Path(output_dir) if output_dir is not None else None
     if out is not None and out.is_dir() and PartialState().is_main_process:

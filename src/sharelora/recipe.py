@@ -19,13 +19,22 @@ from __future__ import annotations
 import json
 import math
 import sys
+import warnings
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 from accelerate import PartialState
 
-from .config import AdapterConfig, DataConfig, RunConfig, SplitConfig, TrainConfig, UsageError
+from .config import (
+    PRIOR_GRID,
+    AdapterConfig,
+    DataConfig,
+    RunConfig,
+    SplitConfig,
+    TrainConfig,
+    UsageError,
+)
 from .data import (
     Columns,
     Comparison,
@@ -133,8 +142,19 @@ def fit(
     on ``refit_data`` with the choices made: the epochs (``select_best``), the prior's τ
     (``prior="auto"``) and the strength's scale. Returns ``{"summary", "val_metrics",
     "prefix_cache"}``."""
-    if cfg.prior == "auto" and not model.adapter_config.personalized:
+    personalized = model.adapter_config.personalized
+    if cfg.prior == "auto" and not personalized:
         cfg = replace(cfg, prior=0.0)  # no user deviations to hold back
+    if not val_data and personalized and "auto" in (cfg.prior, cfg.strength):
+        # Nothing to choose on: each "auto" is its default, said once rather than quietly.
+        warnings.warn(
+            "no validation pairs: --prior auto trains at the default "
+            f"{PRIOR_GRID[0]:g} and --strength auto keeps every user as trained (pass --val "
+            "0.1 to choose them, or numbers to fix them)",
+            stacklevel=2,
+        )
+        if cfg.prior == "auto":
+            cfg = replace(cfg, prior=PRIOR_GRID[0])
     if not (cfg.refit and val_data and refit_data):
         return _choose(model, train_data, val_data, cfg, output_dir, resume, cache)
     from .strength import snapshot

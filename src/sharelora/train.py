@@ -52,6 +52,18 @@ def _order(ds: PairDataset, cfg: TrainConfig, epoch: int) -> list[int]:
     return torch.randperm(len(ds), generator=g).tolist()
 
 
+def _setup_accelerator(cfg: TrainConfig) -> Accelerator:
+    on_cpu = not torch.cuda.is_available() and not torch.backends.mps.is_available()
+    return Accelerator(
+        # Without cpu=True, processes started by a launcher on a GPU-less machine each train
+        # alone instead of forming one gloo group.
+        cpu=on_cpu,
+        gradient_accumulation_steps=cfg.grad_accum,
+        mixed_precision="bf16" if torch.cuda.is_available() else "no",
+        dataloader_config=DataLoaderConfiguration(split_batches=True),
+    )
+
+
 class Trainer:
     """One training run of ``model`` (in place) with the Bradley-Terry loss.
 
@@ -81,88 +93,109 @@ class Trainer:
             raise ValueError(f"training users not in the model: {', '.join(unknown[:5])}")
         self.model, self.cfg, self.scale = model, cfg, scale
         self.out = Path(output_dir) if output_dir is not None else None
-        set_seed(cfg.seed)
+        set_seed(cfg.seed)  # the training stream: data order, dropout
         model.max_length = cfg.max_length
-        on_cpu = not torch.cuda.is_available() and not torch.backends.mps.is_available()
-        self.acc = acc = Accelerator(
-            # Without cpu=True, processes started by a launcher on a GPU-less machine each
-            # train alone instead of forming one gloo group.
-            cpu=on_cpu,
-            gradient_accumulation_steps=cfg.grad_accum,
-            mixed_precision="bf16" if torch.cuda.is_available() else "no",
-            dataloader_config=DataLoaderConfiguration(split_batches=True),
-        )
+        self.acc = _setup_accelerator(cfg)
         self._clear_previous_run(resume)
+        self.train_pairs = len(train_data)  # the users' own (the learner's copies come next)
+        # A trained shared start is one more fallback at the end (strength.apply_strength).
+        self.start = self._setup_start()
+        self.learner = self._setup_learner()  # the population's id while it trains as a user
+        if self.learner is not None:  # the population trains on every user's pairs
+            train_data = train_data + [replace(c, user=population.LEARNER) for c in train_data]
+        self.pairs = self._setup_data(train_data, val_data, prefix_cache)
+        # Training pairs per user [N]: the prior's weight per user and the strength's n_u.
+        self.user_counts = torch.bincount(
+            torch.as_tensor(self.pairs.train.user_ids), minlength=model.num_users
+        )
+        self.counts = self._setup_prior()  # on the device, when the prior is on
+        optimizer, scheduler = self._setup_optimizer()
+        self.wrapped, self.optimizer, self.scheduler = self.acc.prepare(model, optimizer, scheduler)
+        self.progress = Progress()
+        if resume:
+            self._restore()
+        self.best_val: dict | None = None  # validation metrics of the best checkpoint, if known
+        write_log = self.out is not None and self.acc.is_main_process
+        self.log = (self.out / "train_log.jsonl").open("a") if write_log else None
+        self.started = time.time() - self.progress.seconds
+
+    # ------------------------------------------------------------------------------- setup
+    def _setup_start(self) -> dict | None:
+        """The start model (``init_from``) in every user's rows, its shared parts frozen on
+        request; returns its rows (a fallback of the strength), else ``None``."""
+        cfg, model = self.cfg, self.model
         if cfg.freeze_shared and not cfg.init_from:
             raise ValueError(
                 "freeze_shared keeps the shared tensors of the model it starts from: start from "
                 "one (--init-from DIR, or train's default --from-shared)"
             )
-        if cfg.init_from:
-            from .model import PersonalizedRewardModel
+        if not cfg.init_from:
+            return None
+        from .model import PersonalizedRewardModel
 
-            shared = PersonalizedRewardModel.from_pretrained(cfg.init_from)
-            model.population = population.from_shared(model, shared, cfg.init_factoring)
-            population.assign(model, model.population)
-            if cfg.freeze_shared:
-                for p in model.shared_parameters():
-                    p.requires_grad_(False)
-        self.train_pairs = len(train_data)  # the users' own (the learner's copies come next)
-        # A trained shared start is one more fallback at the end (strength.apply_strength).
-        self.start = population.of(model) if cfg.init_from else None
-        self.learner = None  # the id of the population while it trains as one more user
-        if cfg.train_population and model.adapter_config.personalized:
-            self.learner = population.add_learner(model, cfg.user_lr_scale)
-            learner = [replace(c, user=population.LEARNER) for c in train_data]
-            train_data = train_data + learner  # the population trains on every user's pairs
+        shared = PersonalizedRewardModel.from_pretrained(cfg.init_from)
+        model.population = population.from_shared(model, shared, cfg.init_factoring)
+        population.assign(model, model.population)
+        if cfg.freeze_shared:
+            for p in model.shared_parameters():
+                p.requires_grad_(False)
+        return population.of(model)
+
+    def _setup_learner(self) -> int | None:
+        """The population as one more user that trains (``train_population``)."""
+        if not (self.cfg.train_population and self.model.adapter_config.personalized):
+            return None
+        return population.add_learner(self.model, self.cfg.user_lr_scale)
+
+    def _setup_data(self, train_data, val_data, prefix_cache) -> PairRun:
+        """The tokenized pairs (through the prefix cache with ``top_layers``), with the model
+        in the memory layout it trains in."""
+        cfg, model = self.cfg, self.model
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         if cfg.user_tables == "host":
-            if acc.num_processes > 1:
+            if self.acc.num_processes > 1:
                 raise ValueError("--user-tables host is a single-process path; use device")
             model.keep_user_tables_on_host()
         cache = None
         if model.adapter_config.top_layers and cfg.cache_prefix:
-            model.to(acc.device)
+            model.to(self.acc.device)
             cache = PrefixCache(model, store=prefix_cache)
-        self.pairs = PairRun(model, train_data, val_data, cfg.max_length, cache, cfg.progress)
-        # Training pairs per user [N]: the prior's weight per user and the strength's n_u.
-        self.user_counts = torch.bincount(
-            torch.as_tensor(self.pairs.train.user_ids), minlength=model.num_users
-        )
-        self.counts = None  # on the device, when the prior is on
-        if cfg.prior and model.adapter_config.personalized:
-            fixed = self.learner is None and not cfg.warmup_epochs
-            if model.population is None and fixed:
-                model.population = population.of(model)  # the prior's center: the start
-            self.counts = self.user_counts.to(acc.device)
+        return PairRun(model, train_data, val_data, cfg.max_length, cache, cfg.progress)
+
+    def _setup_prior(self) -> torch.Tensor | None:
+        """Each user's pair count on the device when the prior is on, its center fixed at the
+        start when nothing moves it (no learner, no warm-up); else ``None``."""
+        cfg, model = self.cfg, self.model
+        if not (cfg.prior and model.adapter_config.personalized):
+            return None
+        fixed = self.learner is None and not cfg.warmup_epochs
+        if model.population is None and fixed:
+            model.population = population.of(model)  # the prior's center: the start
+        return self.user_counts.to(self.acc.device)
+
+    def _setup_optimizer(self):
+        """AdamW over shared parts and user tables (row-sparse in one process), and its
+        schedule over every step of the run."""
+        cfg = self.cfg
         batches = math.ceil(len(self.pairs.train) / cfg.batch_size)
         total_steps = cfg.epochs * math.ceil(batches / cfg.grad_accum)
         sparse = cfg.sparse_users
-        if acc.num_processes > 1:
+        if self.acc.num_processes > 1:
             # DDP all-reduces dense gradients; row-sparse tables are a single-process path.
             if sparse == "on":
                 raise ValueError("--sparse-users on needs a single process; use auto or off")
             sparse = "off"
         optimizer = build_optimizer(
-            model,
+            self.model,
             cfg.lr,
             cfg.weight_decay,
             sparse_users=sparse,
             user_state=cfg.user_state,
             user_lr_scale=cfg.user_lr_scale,
         )
-        scheduler = build_scheduler(optimizer, total_steps, cfg.warmup_ratio, cfg.schedule)
-        self.wrapped, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
-        self.progress = Progress()
-        if resume:
-            self._restore()
-        self.best_val: dict | None = None  # validation metrics of the best checkpoint, if known
-        write_log = self.out is not None and acc.is_main_process
-        self.log = (self.out / "train_log.jsonl").open("a") if write_log else None
-        self.started = time.time() - self.progress.seconds
+        return optimizer, build_scheduler(optimizer, total_steps, cfg.warmup_ratio, cfg.schedule)
 
-    # ------------------------------------------------------------------------------- setup
     def _clear_previous_run(self, resume: bool) -> None:
         if self.out is None:
             return
