@@ -1,9 +1,10 @@
 """Reward server throughput and latency on loopback, against scoring in-process.
 
-    python benchmarks/server.py [--quick] [--json out.json]
+    python benchmarks/server.py [--quick] [--endpoint score|classify] [--json out.json]
 
 Starts ``sharelora serve`` (MiniLM, ``sharelora``, 10 users) in a subprocess on 127.0.0.1,
-then sends ``/score`` requests from 1, 8 and 32 concurrent clients (each request holds
+then sends ``/score`` requests (or vLLM's ``/classify``, as verl's reward loop calls it: one
+user per request in ``model``) from 1, 8 and 32 concurrent clients (each request holds
 ``--rows`` rows; every loop is bounded by a request count and a time limit). The baseline is
 ``score_texts`` called in one process on the same rows with the server's batch size. Prints
 rows/s, requests/s, p50 and p99 latency, and throughput as a fraction of in-process.
@@ -56,7 +57,19 @@ def wait_until_up(url: str, seconds: float = 120) -> None:
     raise SystemExit(f"the server at {url} did not come up in {seconds:.0f} s")
 
 
-def run_level(url, sample, rows, concurrency, requests, limit) -> list[float]:
+def request_body(endpoint: str, part: list[tuple]) -> dict:
+    """One request's JSON: ``/score`` takes a user per row, ``/classify`` one user (the
+    ``model``) for all its ``input`` texts, rendered as the server renders a prompt + reply."""
+    if endpoint == "score":
+        return {
+            "prompts": [r[0] for r in part],
+            "responses": [r[1] for r in part],
+            "users": [r[2] for r in part],
+        }
+    return {"model": part[0][2], "input": [r[0] + "\n" + r[1] for r in part], "activation": False}
+
+
+def run_level(url, sample, rows, concurrency, requests, limit, endpoint="score") -> list[float]:
     """``requests`` requests of ``rows`` rows from ``concurrency`` clients (stopping after
     ``limit`` seconds); returns each request's latency in seconds."""
     latencies: list[float] = []
@@ -67,14 +80,9 @@ def run_level(url, sample, rows, concurrency, requests, limit) -> list[float]:
             for i in range(k, requests, concurrency):
                 if time.time() > deadline:
                     return
-                part = sample[i * rows : (i + 1) * rows]
-                body = {
-                    "prompts": [r[0] for r in part],
-                    "responses": [r[1] for r in part],
-                    "users": [r[2] for r in part],
-                }
+                body = request_body(endpoint, sample[i * rows : (i + 1) * rows])
                 t = time.perf_counter()
-                c.post(f"{url}/score", json=body).raise_for_status()
+                c.post(f"{url}/{endpoint}", json=body).raise_for_status()
                 latencies.append(time.perf_counter() - t)
 
     with ThreadPoolExecutor(concurrency) as pool:
@@ -85,10 +93,13 @@ def run_level(url, sample, rows, concurrency, requests, limit) -> list[float]:
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--rows", type=int, default=4, help="rows per request")
+    p.add_argument("--endpoint", choices=("score", "classify"), default="score")
     args = p.parse_args()
     requests_per_level = 48 if args.quick else 192
     data, _ = read_preferences("builtin:demo")
     rows = [(c.prompt, c.chosen, c.user) for c in data]
+    if args.endpoint == "classify":  # one user per request: the rows in runs of one user
+        rows = sorted(rows, key=lambda r: r[2])
     torch.manual_seed(0)
     users = sorted({u for _, _, u in rows})
     model = PersonalizedRewardModel.from_backbone(
@@ -117,7 +128,11 @@ def main() -> None:
         limit = 60 if args.quick else 180  # seconds per concurrency level, at most
         for concurrency in (1, 8, 32):
             start = time.perf_counter()
-            lat = sorted(run_level(url, sample, args.rows, concurrency, requests_per_level, limit))
+            lat = sorted(
+                run_level(
+                    url, sample, args.rows, concurrency, requests_per_level, limit, args.endpoint
+                )
+            )
             seconds = time.perf_counter() - start
             rows_per_s = len(lat) * args.rows / seconds
             results.append(
@@ -134,7 +149,7 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(timeout=30)
-    print(f"{machine()}; {args.rows} rows per request, server batch {BATCH}")
+    print(f"{machine()}; /{args.endpoint}, {args.rows} rows per request, server batch {BATCH}")
     print(f"in-process score_texts: {in_process:.1f} rows/s")
     print(
         table(
@@ -142,7 +157,12 @@ def main() -> None:
             [[r[k] for k in COLUMNS] for r in results],
         )
     )
-    payload = {"machine": machine(), "in_process_rows_per_s": in_process, "levels": results}
+    payload = {
+        "machine": machine(),
+        "endpoint": args.endpoint,
+        "in_process_rows_per_s": in_process,
+        "levels": results,
+    }
     write_json(args.json, payload)
 
 

@@ -219,3 +219,10 @@ def test_the_paper_preset_trains_as_the_paper_does(tiny_text_backbone, tmp_path)
     assert summary["population"] == "fixed at the start" and "select" not in summary
     assert summary["config"]["warmup_epochs"] == 1
     assert not (tmp_path / "m" / "shared").exists()  # the warm-up epoch is the shared stage
+
+
+def test_a_research_setting_in_a_config_file_names_its_preset(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("strength_rule: one-se\n")
+    with pytest.raises(UsageError, match="strength_rule is set by --preset one-se"):
+        parse_args(["--config", str(config), *BASE["train"]])

@@ -235,8 +235,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     config = _load_config(args.config) if args.config else {}
     unknown = sorted(set(config) - {a.dest for a in sub._actions})
     if unknown:
+        hints = [
+            f"{key} is set by --preset {' or '.join(by)}"
+            for key in unknown
+            if (by := [n for n, p in PRESETS.items() if key in p.settings])
+        ]
         raise UsageError(
             f"config {args.config}: unknown option(s) for '{args.command}': {', '.join(unknown)}"
+            + (f" ({'; '.join(hints)})" if hints else "")
         )
     preset = getattr(args, "preset", None)
     if preset == RunConfig.preset and "preset" in config:  # not on the command line
