@@ -252,3 +252,17 @@ def test_a_registered_method_needs_no_other_code(tiny_dirs, tmp_path, request):
         rewards(peft, ids, mask), rewards(dense_reference(model, tiny_dirs["llama"], 1), ids, mask),
         atol=ATOL, rtol=1e-4,
     )  # fmt: skip
+
+
+@pytest.mark.parametrize("method", ["sharelora", "independent", "core"])
+def test_one_users_batch_scores_as_the_gathered_path(tiny_dirs, method):
+    """Scoring rows of one user takes that user's factors as shared ones (one matmul); the
+    gathered bmm path (taken with gradients on) gives the same rewards."""
+    model = build(tiny_dirs["bert"], method)
+    randomize(model, seed=5)
+    ids, mask = tiny_batch(seed=5)
+    users = torch.full((6,), 2)
+    with torch.no_grad():
+        fast = model(input_ids=ids, attention_mask=mask, user_ids=users)
+    gathered = model(input_ids=ids, attention_mask=mask, user_ids=users).detach()
+    torch.testing.assert_close(fast, gathered, atol=ATOL, rtol=1e-5)

@@ -62,15 +62,27 @@ class UserRouter:
         self._ids: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar(
             "sharelora_user_ids", default=None
         )
+        self._one: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+            "sharelora_one_user", default=None
+        )
 
     @contextlib.contextmanager
     def route(self, user_ids: torch.Tensor | None):
         if user_ids is not None:
             user_ids = self.validate(user_ids)
         token = self._ids.set(user_ids)
+        one = None
+        if user_ids is not None and user_ids.numel() and not torch.is_grad_enabled():
+            # Scoring one user's rows: each layer can use that user's factor as a shared one
+            # (one matmul, no gathered copy per row). Training keeps the gather, whose
+            # gradient is row-sparse; one check per forward, not per layer.
+            first = int(user_ids[0])
+            one = first if bool((user_ids == first).all()) else None
+        token_one = self._one.set(one)
         try:
             yield
         finally:
+            self._one.reset(token_one)
             self._ids.reset(token)
 
     def validate(self, user_ids: torch.Tensor) -> torch.Tensor:
@@ -97,6 +109,10 @@ class UserRouter:
 
     def current(self) -> torch.Tensor | None:
         return self._ids.get()
+
+    def one_user(self) -> int | None:
+        """The id of the only user of this no-grad forward, if it holds one (``route``)."""
+        return self._one.get() if self.base_row is None else None
 
     def checkpoint_contexts(self):
         """``context_fn`` for non-reentrant ``torch.utils.checkpoint``."""
@@ -335,9 +351,12 @@ class PersonalLoRALayer(_UserTables):
         """``h [b,T,d]`` through factor ``key`` (``A`` or ``B``): each row's own with a gathered
         ``bmm`` when users own it, else one shared ``matmul``."""
         table = getattr(self, f"user_{key}", None)
-        if table is not None:
-            return torch.bmm(h, self._rows(table, ids).transpose(1, 2))  # [b,T,d] x [b,d,k]
-        return h @ getattr(self, f"lora_{key}").T
+        if table is None:
+            return h @ getattr(self, f"lora_{key}").T
+        one = self.router.one_user()
+        if one is not None:  # every row is this user's: their factor, shared by the batch
+            return h @ table[one].to(h.device, non_blocking=True).T  # [b,T,d] x [d,k]
+        return torch.bmm(h, self._rows(table, ids).transpose(1, 2))  # [b,T,d] x [b,d,k]
 
     def _factors(self, rows: dict[str, torch.Tensor], k: int):
         """``(A_eff [k, r, in], B [k, out, r])`` from per-user rows ``{table name: [k, ...]}``
