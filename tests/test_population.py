@@ -200,8 +200,8 @@ def test_a_refit_that_serves_the_start_takes_no_step(tiny_text_backbone, tmp_pat
     train(_model(tiny_text_backbone, "shared"), opposite_tastes(12), None, _cfg(), shared)
     real = train_module.apply_strength
 
-    def start_wins(model, strength, metrics, evaluate_val, counts, rule, start):
-        real(model, strength, metrics, evaluate_val, counts, rule, start)
+    def start_wins(model, strength, metrics, evaluate_val, counts, rule, start, median):
+        real(model, strength, metrics, evaluate_val, counts, rule, start, median)
         apply_scale(model, None, counts, start)  # as if the gate found the start best
         return 0.0, metrics, {"start": metrics}
 

@@ -64,7 +64,7 @@ def build_parser(show_all: bool = False) -> argparse.ArgumentParser:
     p = command("compare", "train several methods on one split; report and plot")
     fields(
         p,
-        exclude=("method", "resume", "init_from"),
+        exclude=("method", "resume", "init_from", "shard_users"),  # compare trains dense DDP
         required=("data", "output"),
         defaults={"from_shared": False},
     )
@@ -104,7 +104,7 @@ def build_parser(show_all: bool = False) -> argparse.ArgumentParser:
     fields(
         p,
         classes=(DataConfig, RunConfig, TrainConfig),
-        exclude=(*ONBOARD_FIXED, *SPLIT_ONLY),
+        exclude=(*ONBOARD_FIXED, *SPLIT_ONLY, "shard_users"),  # new users only: dense DDP
         required=("data", "output"),
     )
     p.add_argument("--model", required=True, help="the trained model the users join")

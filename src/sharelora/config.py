@@ -35,6 +35,7 @@ SPARSE_USERS_THRESHOLD = 256
 USER_STATES = ("full", "rowwise")
 # Where per-user tables live: with the model on its device, or in host memory.
 USER_TABLES = ("device", "host")
+SHARD_USERS = ("auto", "off")
 # The per-user tables' learning rate over the shared one (``TrainConfig.user_lr_scale``).
 USER_LR_SCALE = 4.0
 # The prior scales ``strength="auto"`` chooses from, in units of the median user's count
@@ -468,6 +469,14 @@ class TrainConfig:
         "after validation chose the strength, prior and epochs, train again with those choices "
         "on every non-test pair (--no-refit: keep the choosing run, about half the time)",
         group="personalization",
+    )
+    shard_users: str = setting(
+        "auto",
+        "with several processes (accelerate launch), give each user to one process, which alone "
+        "holds the user's rows and optimizer state, so a step communicates the shared parts "
+        "only (auto: for personalized methods; off: every process holds every user, as DDP)",
+        group="scale",
+        choices=SHARD_USERS,
     )
     deterministic: bool = setting(
         False,

@@ -155,6 +155,7 @@ def evaluate(
     seed: int = 0,
     prefix_cache=None,
     unknown_user: str = "error",
+    shard=None,
 ) -> dict:
     """``metrics.json`` for ``model`` on comparisons ``data``.
 
@@ -163,12 +164,16 @@ def evaluate(
     with the population model, and ``unknown_users`` in the metrics counts the rows and users
     that affected. The ``shared`` model scores anyone (its reward ignores the user).
     ``prefix_cache`` (from training on the same backbone) skips the frozen blocks when the
-    model's adapters sit in its top blocks only.
+    model's adapters sit in its top blocks only. With ``shard`` (a user-sharded run's), the
+    model holds this process's users: it scores their rows and the metrics are every
+    process's.
     """
     from dataclasses import replace
 
     from .population import POPULATION, add_population_user
 
+    if shard is not None:
+        data = shard.mine(data)
     if unknown_user not in ("error", "population"):
         raise ValueError(f"unknown_user must be 'error' or 'population', got {unknown_user!r}")
     unknown = sorted({c.user for c in data} - set(model.users))
@@ -187,8 +192,12 @@ def evaluate(
     if prefix_cache is not None and model.adapter_config.top_layers:
         cache = PrefixCache(model, store=prefix_cache)
     run = PairRun(model, None, rows, model.max_length, cache, progress=False)
-    margins = predict_margins(model, run.val, batch_size, run=run)
-    metrics = summarize([c.user for c in data], margins, model.adapter_config.method, split, seed)
+    margins = predict_margins(model, run.val, batch_size, run=run) if rows else []
+    users, method = [c.user for c in data], model.adapter_config.method
+    if shard is not None:
+        metrics = shard.metrics(users, margins, method, split, seed=seed)
+    else:
+        metrics = summarize(users, margins, method, split, seed)
     gone = set(unknown)
     metrics["unknown_users"] = {
         "policy": "population" if model.adapter_config.personalized else "shared",

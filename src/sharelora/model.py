@@ -215,16 +215,18 @@ class PersonalizedRewardModel(nn.Module):
         user = {id(p) for p in self.user_parameters()}
         return [p for p in self.parameters() if p.requires_grad and id(p) not in user]
 
-    def parameter_report(self) -> dict[str, int]:
-        """Trainable parameter counts: shared (factors + head), per user, and in total."""
+    def parameter_report(self, users: int | None = None) -> dict[str, int]:
+        """Trainable parameter counts: shared (factors + head), per user, and in total
+        (``users``: of a model this one is a shard of)."""
+        users = users or self.num_users
         per_user = sum(p[0].numel() for p in self.user_parameters())
         shared = sum(p.numel() for p in self.shared_parameters())
         frozen = sum(p.numel() for p in self.parameters() if not p.requires_grad)
         return {
-            "users": self.num_users,
+            "users": users,
             "shared": shared,
             "per_user": per_user,
-            "trainable": shared + per_user * self.num_users,
+            "trainable": shared + per_user * users,
             "frozen": frozen,
         }
 
@@ -251,10 +253,18 @@ class PersonalizedRewardModel(nn.Module):
             "training": training or {},
         }
 
-    def save_pretrained(self, directory: str | Path, training: dict | None = None) -> None:
+    def save_pretrained(
+        self,
+        directory: str | Path,
+        training: dict | None = None,
+        users: UserVocab | None = None,
+        tables: dict[str, torch.Tensor] | None = None,
+    ) -> None:
         """Write ``sharelora.json``, ``users.json``, ``adapters.safetensors`` and the tokenizer.
 
-        The backbone is referenced by ``backbone_name``, not copied.
+        The backbone is referenced by ``backbone_name``, not copied. ``users`` and ``tables``
+        (each per-user table by name, ``[len(users), ...]``) stand in for the model's own: a
+        user-sharded run writes every process's users as one model (``sharelora.shard``).
         """
         if not self.backbone_name:
             raise ValueError(
@@ -265,14 +275,16 @@ class PersonalizedRewardModel(nn.Module):
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.contiguous().cpu() for k, v in self.trainable_state_dict().items()}
+        tensors.update(tables or {})
+        users = users or self.users
         files.save_safetensors(tensors, d / WEIGHTS_FILE, metadata={"format": "pt"})
         if self.population is not None:
             rows = {k: v.contiguous().cpu() for k, v in self.population.items()}
             files.save_safetensors(rows, d / POPULATION_FILE, metadata={"format": "pt"})
         else:
             (d / POPULATION_FILE).unlink(missing_ok=True)  # a previous save's
-        self.users.save(d / USERS_FILE)
-        files.write_json(d / CONFIG_FILE, self.config_dict(training))
+        users.save(d / USERS_FILE)
+        files.write_json(d / CONFIG_FILE, {**self.config_dict(training), "num_users": len(users)})
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(d)
 

@@ -23,11 +23,12 @@ from accelerate import PartialState
 
 from .config import PRIOR_GRID, TrainConfig
 from .files import clear_run_state, write_json
+from .shard import save
 from .strength import snapshot
 from .train import Trainer
 
 
-def search_prior(model, train_data, val_data, cfg: TrainConfig, output_dir, cache):
+def search_prior(model, train_data, val_data, cfg: TrainConfig, output_dir, cache, shard=None):
     """Train ``model`` once per τ in ``PRIOR_GRID`` and leave it at the try with the lowest
     calibrated validation loss; returns the run's dict (``Trainer.finish``), whose summary
     gains ``prior_search`` (τ: that loss)."""
@@ -41,7 +42,7 @@ def search_prior(model, train_data, val_data, cfg: TrainConfig, output_dir, cach
         model.population = population
         where = out / f"prior-{tau:g}" if out is not None else None
         run = Trainer(
-            model, train_data, val_data, replace(cfg, prior=tau), where, False, cache
+            model, train_data, val_data, replace(cfg, prior=tau), where, False, cache, None, shard
         ).run()
         cache = run["prefix_cache"]
         losses[tau] = run["val_metrics"]["calibrated_loss"]
@@ -54,7 +55,8 @@ def search_prior(model, train_data, val_data, cfg: TrainConfig, output_dir, cach
     model.set_trainable(tensors)
     summary = {**run["summary"], "prior_search": {f"{t:g}": loss for t, loss in losses.items()}}
     summary["config"] = {**summary["config"], "prior": "auto"}
-    if out is not None and PartialState().is_main_process:
-        model.save_pretrained(out, training=summary)
-        write_json(out / "val_metrics.json", run["val_metrics"])
+    if out is not None:
+        save(model, out, summary, shard)
+        if PartialState().is_main_process:
+            write_json(out / "val_metrics.json", run["val_metrics"])
     return {"summary": summary, "val_metrics": run["val_metrics"], "prefix_cache": cache}

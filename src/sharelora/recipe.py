@@ -50,6 +50,7 @@ from .files import clear_run_state, run_lock, write_json
 from .flags import Configs
 from .model import PersonalizedRewardModel
 from .prior import search_prior
+from .shard import checkpoints, plan, save
 from .train import Trainer
 
 
@@ -125,23 +126,32 @@ def build_model(
 
 
 # --------------------------------------------------------------------------------- fit
-def _choose(model, train_data, val_data, cfg, out, resume, cache, scale=None) -> dict:
+def _choose(model, train_data, val_data, cfg, out, resume, cache, scale=None, shard=None):
     """One run, or with ``prior="auto"`` one run per τ of the grid (``prior.search_prior``)."""
     if cfg.prior == "auto":
         if resume:
             raise ValueError("--resume continues one run; with --prior auto start afresh")
-        return search_prior(model, train_data, val_data, cfg, out, cache)
-    return Trainer(model, train_data, val_data, cfg, out, resume, cache, scale).run()
+        return search_prior(model, train_data, val_data, cfg, out, cache, shard)
+    return Trainer(model, train_data, val_data, cfg, out, resume, cache, scale, shard).run()
 
 
 def fit(
-    model, train_data, val_data, cfg, output_dir=None, resume=False, cache=None, refit_data=None
+    model,
+    train_data,
+    val_data,
+    cfg,
+    output_dir=None,
+    resume=False,
+    cache=None,
+    refit_data=None,
+    shard=None,
 ):
     """Train ``model`` in place; with validation, ``refit_data`` and ``cfg.refit``, choose on
     ``train_data``/``val_data`` (in ``OUTPUT/select/``), then train again from the same start
     on ``refit_data`` with the choices made: the epochs (``select_best``), the prior's τ
-    (``prior="auto"``) and the strength's scale. Returns ``{"summary", "val_metrics",
-    "prefix_cache"}``."""
+    (``prior="auto"``) and the strength's scale. ``shard`` (``sharelora.shard.plan``): the
+    model holds this process's users, and every run trains them on their pairs. Returns
+    ``{"summary", "val_metrics", "prefix_cache"}``."""
     personalized = model.adapter_config.personalized
     if cfg.prior == "auto" and not personalized:
         cfg = replace(cfg, prior=0.0)  # no user deviations to hold back
@@ -156,7 +166,7 @@ def fit(
         if cfg.prior == "auto":
             cfg = replace(cfg, prior=PRIOR_GRID[0])
     if not (cfg.refit and val_data and refit_data):
-        return _choose(model, train_data, val_data, cfg, output_dir, resume, cache)
+        return _choose(model, train_data, val_data, cfg, output_dir, resume, cache, None, shard)
     from .strength import snapshot
 
     start, start_population = snapshot(model), model.population
@@ -169,7 +179,7 @@ def fit(
     else:
         if out is not None and PartialState().is_main_process:
             clear_run_state(out)  # the choosing run is not resumed from OUTPUT's checkpoints
-        run = _choose(model, train_data, val_data, cfg, select, resume, cache)
+        run = _choose(model, train_data, val_data, cfg, select, resume, cache, None, shard)
         chosen, val_metrics, cache = run["summary"], run["val_metrics"], run["prefix_cache"]
     model.set_trainable(start)
     model.population = start_population
@@ -184,11 +194,11 @@ def fit(
         prior=chosen["prior"],
         select_best=False,
     )
-    again = resume and done and (out / "checkpoints" / "last").exists()
+    again = resume and done and (checkpoints(out, shard) / "last").exists()
     if scale == "start":  # serving the start needs no training: finish without a step
-        run = Trainer(model, refit_data, None, refit, out, False, cache, scale).finish()
+        run = Trainer(model, refit_data, None, refit, out, False, cache, scale, shard).finish()
     else:
-        run = _choose(model, refit_data, None, refit, out, again, cache, scale)
+        run = _choose(model, refit_data, None, refit, out, again, cache, scale, shard)
     summary = {
         **run["summary"],
         "config": asdict(cfg),
@@ -200,9 +210,9 @@ def fit(
         },
         "select": {k: chosen.get(k) for k in SELECTED},
     }
-    if out is not None and PartialState().is_main_process:
-        model.save_pretrained(out, training=summary)
-        if val_metrics:
+    if out is not None:
+        save(model, out, summary, shard)
+        if val_metrics and PartialState().is_main_process:
             write_json(out / "val_metrics.json", val_metrics)
     return {**run, "summary": summary, "val_metrics": val_metrics}
 
@@ -228,6 +238,7 @@ def train(
     resume: bool = False,
     prefix_cache=None,
     refit_data: list[Comparison] | None = None,
+    shard=None,
 ) -> dict:
     """Train ``model`` in place with the Bradley-Terry loss (``fit``) under the output's lock;
     returns ``{"summary", "val_metrics", "prefix_cache"}``.
@@ -236,21 +247,31 @@ def train(
     epoch, ``checkpoints/best`` on validation), the final model (the best on validation when
     there is one) and, with validation data, ``val_metrics.json``. ``resume`` continues from
     ``checkpoints/last`` exactly: weights, optimizer, schedule, RNG and data position.
+    ``shard`` (``sharelora.shard.plan``, under several processes): ``model`` holds this
+    process's users (``shard.local_users``), and the data is every user's.
     """
     config = config or TrainConfig()
     # The lock: two runs writing one directory would corrupt it.
     with run_lock(output_dir), deterministic_mode(config.deterministic):
         return fit(
-            model, train_data, val_data, config, output_dir, resume, prefix_cache, refit_data
+            model,
+            train_data,
+            val_data,
+            config,
+            output_dir,
+            resume,
+            prefix_cache,
+            refit_data,
+            shard,
         )
 
 
 # -------------------------------------------------------------------------------- test
-def test_metrics(model, splits: Splits, cfg: TrainConfig, cache=None) -> dict:
+def test_metrics(model, splits: Splits, cfg: TrainConfig, cache=None, shard=None) -> dict:
     """Per-user metrics on the test split (validation when there is none)."""
     test = splits.test or splits.val
     split = "test" if splits.test else "val"
-    return evaluate(model, test, split=split, seed=cfg.seed, prefix_cache=cache)
+    return evaluate(model, test, split=split, seed=cfg.seed, prefix_cache=cache, shard=shard)
 
 
 # --------------------------------------------------------------------------------- run
@@ -274,10 +295,17 @@ def run(c: Configs, log=_log) -> dict:
                 )
                 fit(start, splits.train, splits.val, cfg, shared, c.run.resume, None, splits.refit)
             cfg = replace(cfg, init_from=str(shared))
-        model = build_model(c.run, splits.users, c.adapter, cfg, log)
-        result = fit(model, splits.train, splits.val, cfg, out, c.run.resume, None, splits.refit)
+        # Several processes: each holds its own users (sharelora.shard).
+        shard = plan(splits.users, splits.train, c.adapter.personalized, cfg.shard_users)
+        users = splits.users if shard is None else shard.local_users(splits.users)
+        if shard is not None:
+            log(f"process {shard.rank}: {len(users)} of {len(splits.users)} users")
+        model = build_model(c.run, users, c.adapter, cfg, log)
+        resume, refit = c.run.resume, splits.refit
+        result = fit(model, splits.train, splits.val, cfg, out, resume, None, refit, shard)
         metrics = None
         if splits.test:
-            metrics = test_metrics(model, splits, cfg, result["prefix_cache"])
-            write_json(out / "metrics.json", metrics)
+            metrics = test_metrics(model, splits, cfg, result["prefix_cache"], shard)
+            if PartialState().is_main_process:
+                write_json(out / "metrics.json", metrics)
     return {**result, "metrics": metrics}

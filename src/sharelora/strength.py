@@ -102,13 +102,16 @@ def _median_count(counts: torch.Tensor) -> float:
     return float(trained.median()) if len(trained) else 1.0
 
 
-def _shrink(model, base: dict, personal: dict, scale: float, counts: torch.Tensor) -> None:
-    """Every user at ``κ = scale · median n_u``; shared tensors at the median user's γ."""
-    kappa = scale * _median_count(counts)
+def _shrink(model, base: dict, personal: dict, scale: float, counts, median=None) -> None:
+    """Every user at ``κ = scale · median n_u``; shared tensors at the median user's γ.
+    ``median``: of every user's count when ``counts`` holds some of them (a shard's)."""
+    kappa = scale * (median or _median_count(counts))
     pop.lerp(model, base, personal, 1 / (1 + scale), user_weights(counts, kappa))
 
 
-def apply_scale(model, scale: float, counts: torch.Tensor, start: dict | None = None) -> float:
+def apply_scale(
+    model, scale: float, counts: torch.Tensor, start: dict | None = None, median=None
+) -> float:
     """Shrink ``model`` at a scale chosen before (a refit repeats validation's choice with its
     own counts ``[N]``); ``scale=None`` serves ``start`` instead. Returns the median user's
     γ."""
@@ -116,7 +119,7 @@ def apply_scale(model, scale: float, counts: torch.Tensor, start: dict | None = 
         _serve_start(model, start)
         return 0.0
     if model.adapter_config.personalized and scale:
-        _shrink(model, pop.of(model), snapshot(model), scale, counts)
+        _shrink(model, pop.of(model), snapshot(model), scale, counts, median)
     return 1 / (1 + scale)
 
 
@@ -134,6 +137,7 @@ def apply_strength(
     counts: torch.Tensor,
     rule: str = "lowest",
     start: dict | None = None,
+    median: float | None = None,
 ):
     """Set ``model`` to its strength; returns ``(γ of the median user, validation metrics
     there, {κ/median n: validation metrics} of every scale tried)``; each tried scale's metrics
@@ -142,7 +146,8 @@ def apply_strength(
     ``strength`` is ``"auto"`` (over ``SHRINKAGE``, by ``rule``: ``"lowest"`` loss or
     ``"one-se"``, then ``population_gate``) or a number γ for every user. ``val_metrics`` are
     those of the model as it is (κ = 0); ``evaluate_val(tag)`` evaluates the model in its
-    current state; ``counts`` are the training comparisons of every user ``[N]``.
+    current state; ``counts`` are the training comparisons of every user ``[N]`` (``median``:
+    their median over every process's users, when the model holds a shard of them).
 
     ``start`` (a population dict: the trained shared model training started from) is the
     fallback unless the trained population beats it as ``population_gate`` asks a personal
@@ -161,7 +166,7 @@ def apply_strength(
         return 1.0, val_metrics, {}
     tried = {0.0: val_metrics}
     for scale in SHRINKAGE[1:]:
-        _shrink(model, base, personal, scale, counts)
+        _shrink(model, base, personal, scale, counts, median)
         tried[scale] = evaluate_val(f"shrinkage {scale:g}")
     chosen, se = choose_scale(tried, rule)
     fallback = None  # None: the trained population
@@ -182,5 +187,5 @@ def apply_strength(
         tried["start"]["gate"] = gate
         return 0.0, tried["start"], tried
     tried[chosen]["gate"] = gate
-    _shrink(model, base, personal, chosen, counts)
+    _shrink(model, base, personal, chosen, counts, median)
     return 1 / (1 + chosen), tried[chosen], tried

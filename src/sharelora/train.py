@@ -14,6 +14,7 @@ personalization strength and writes the model.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import time
@@ -30,12 +31,13 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from . import population
 from .checkpoint import Progress, load_checkpoint, resolve_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .data import Comparison, PairDataset
+from .data import Comparison
 from .evaluate import predict_margins, summarize
 from .files import clear_run_state, write_json
 from .optim import build_optimizer, build_scheduler, clip_grad_norm_
 from .pairs import PairRun, bt_loss, pair_correct
 from .prefix import PrefixCache
+from .shard import checkpoints, on_cpu, save
 from .strength import apply_scale, apply_strength
 
 __all__ = ["Trainer", "TrainingError"]
@@ -45,19 +47,17 @@ class TrainingError(RuntimeError):
     """Training cannot go on (a non-finite loss, missing checkpoint to resume, ...)."""
 
 
-def _order(ds: PairDataset, cfg: TrainConfig, epoch: int) -> list[int]:
+def _order(n: int, lengths, cfg: TrainConfig, epoch: int) -> list[int]:
+    """This epoch's order of ``n`` pairs (``lengths()``: theirs, read only to group them)."""
     g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
     if cfg.group_by_length:
-        return list(LengthGroupedSampler(cfg.batch_size, lengths=ds.lengths(), generator=g))
-    return torch.randperm(len(ds), generator=g).tolist()
+        return list(LengthGroupedSampler(cfg.batch_size, lengths=lengths(), generator=g))
+    return torch.randperm(n, generator=g).tolist()
 
 
 def _setup_accelerator(cfg: TrainConfig) -> Accelerator:
-    on_cpu = not torch.cuda.is_available() and not torch.backends.mps.is_available()
     return Accelerator(
-        # Without cpu=True, processes started by a launcher on a GPU-less machine each train
-        # alone instead of forming one gloo group.
-        cpu=on_cpu,
+        cpu=on_cpu(),
         gradient_accumulation_steps=cfg.grad_accum,
         mixed_precision="bf16" if torch.cuda.is_available() else "no",
         dataloader_config=DataLoaderConfiguration(split_batches=True),
@@ -75,6 +75,8 @@ class Trainer:
         resume: continue from ``output_dir/checkpoints/last``; without it a fresh run first
             removes the previous run's state (``files.RUN_STATE``) from ``output_dir``.
         prefix_cache: a ``PrefixCache`` over the same backbone to reuse.
+        shard: a ``sharelora.shard.Shard``: ``model`` holds this process's users, and of
+            ``train_data``/``val_data`` (every user's) it trains and validates on theirs.
     """
 
     def __init__(
@@ -87,7 +89,16 @@ class Trainer:
         resume: bool = False,
         prefix_cache: PrefixCache | None = None,
         scale: float | None = None,
+        shard=None,
     ):
+        self.shard, self.total = shard, len(train_data)  # pairs of every process
+        self.train_pairs = len(train_data)  # the users' own (the learner's copies come next)
+        self.val_pairs = len(val_data or [])
+        self.positions = None  # sharded: where this process's pairs sit among every pair
+        if shard is not None:
+            self.shard_record = shard.record(train_data)
+            self.positions = shard.positions(train_data)
+            train_data, val_data = shard.mine(train_data), shard.mine(val_data)
         unknown = sorted({c.user for c in train_data} - set(model.users))
         if unknown:
             raise ValueError(f"training users not in the model: {', '.join(unknown[:5])}")
@@ -97,12 +108,14 @@ class Trainer:
         model.max_length = cfg.max_length
         self.acc = _setup_accelerator(cfg)
         self._clear_previous_run(resume)
-        self.train_pairs = len(train_data)  # the users' own (the learner's copies come next)
         # A trained shared start is one more fallback at the end (strength.apply_strength).
         self.start = self._setup_start()
         self.learner = self._setup_learner()  # the population's id while it trains as a user
         if self.learner is not None:  # the population trains on every user's pairs
             train_data = train_data + [replace(c, user=population.LEARNER) for c in train_data]
+            if shard is not None:  # a copy sits where a single process puts it: after all
+                self.positions += [self.total + p for p in self.positions]
+            self.total *= 2
         self.pairs = self._setup_data(train_data, val_data, prefix_cache)
         # Training pairs per user [N]: the prior's weight per user and the strength's n_u.
         self.user_counts = torch.bincount(
@@ -110,7 +123,15 @@ class Trainer:
         )
         self.counts = self._setup_prior()  # on the device, when the prior is on
         optimizer, scheduler = self._setup_optimizer()
-        self.wrapped, self.optimizer, self.scheduler = self.acc.prepare(model, optimizer, scheduler)
+        if shard is not None and not model.shared_parameters():
+            # Nothing for DDP to synchronise (the shared parts frozen): no wrapper at all.
+            self.optimizer, self.scheduler = self.acc.prepare(optimizer, scheduler)
+            self.wrapped = model.to(self.acc.device)
+        else:
+            if shard is not None:
+                shard.ignore_user_tables(model)
+            prepared = self.acc.prepare(model, optimizer, scheduler)
+            self.wrapped, self.optimizer, self.scheduler = prepared
         self.progress = Progress()
         if resume:
             self._restore()
@@ -144,6 +165,11 @@ class Trainer:
     def _setup_learner(self) -> int | None:
         """The population as one more user that trains (``train_population``)."""
         if not (self.cfg.train_population and self.model.adapter_config.personalized):
+            if self.shard is not None and self.cfg.warmup_epochs:
+                raise ValueError(
+                    "a user-sharded warm-up trains the population learner: keep "
+                    "train_population on, or pass --shard-users off"
+                )
             return None
         return population.add_learner(self.model, self.cfg.user_lr_scale)
 
@@ -154,14 +180,27 @@ class Trainer:
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         if cfg.user_tables == "host":
-            if self.acc.num_processes > 1:
-                raise ValueError("--user-tables host is a single-process path; use device")
+            if self.acc.num_processes > 1 and self.shard is None:
+                raise ValueError("--user-tables host needs one process or --shard-users auto")
             model.keep_user_tables_on_host()
         cache = None
         if model.adapter_config.top_layers and cfg.cache_prefix:
             model.to(self.acc.device)
             cache = PrefixCache(model, store=prefix_cache)
-        return PairRun(model, train_data, val_data, cfg.max_length, cache, cfg.progress)
+        run = PairRun(model, train_data, val_data, cfg.max_length, cache, cfg.progress)
+        if self.shard is not None and cfg.group_by_length:  # the global order needs them all
+            lengths = run.train.lengths()
+            self.lengths = self.shard.global_lengths(self.positions, lengths, self.total)
+        return run
+
+    def _population(self) -> dict:
+        """``population.of`` the model, over every process's users when sharded."""
+        if self.shard is None or self.model.population is not None:
+            return population.of(self.model)
+        return self.shard.mean_of(self.model)
+
+    def _checkpoints(self) -> Path:
+        return checkpoints(self.out, self.shard)
 
     def _setup_prior(self) -> torch.Tensor | None:
         """Each user's pair count on the device when the prior is on, its center fixed at the
@@ -170,21 +209,21 @@ class Trainer:
         if not (cfg.prior and model.adapter_config.personalized):
             return None
         fixed = self.learner is None and not cfg.warmup_epochs
-        if model.population is None and fixed:
-            model.population = population.of(model)  # the prior's center: the start
+        if model.population is None and fixed:  # the prior's center: the start
+            model.population = self._population()
         return self.user_counts.to(self.acc.device)
 
     def _setup_optimizer(self):
         """AdamW over shared parts and user tables (row-sparse in one process), and its
         schedule over every step of the run."""
         cfg = self.cfg
-        batches = math.ceil(len(self.pairs.train) / cfg.batch_size)
+        batches = math.ceil(self.total / cfg.batch_size)
         total_steps = cfg.epochs * math.ceil(batches / cfg.grad_accum)
         sparse = cfg.sparse_users
-        if self.acc.num_processes > 1:
-            # DDP all-reduces dense gradients; row-sparse tables are a single-process path.
+        if self.acc.num_processes > 1 and self.shard is None:
+            # DDP all-reduces dense gradients; row-sparse tables are a one-process-per-user path.
             if sparse == "on":
-                raise ValueError("--sparse-users on needs a single process; use auto or off")
+                raise ValueError("--sparse-users on needs one process or --shard-users auto")
             sparse = "off"
         optimizer = build_optimizer(
             self.model,
@@ -206,7 +245,7 @@ class Trainer:
         self.acc.wait_for_everyone()
 
     def _restore(self) -> None:
-        last = resolve_checkpoint(self.out / "checkpoints" / "last") if self.out else None
+        last = resolve_checkpoint(self._checkpoints() / "last") if self.out else None
         if last is None:
             where = self.out / "checkpoints" if self.out else "(no output directory)"
             raise TrainingError(f"--resume: no checkpoint in {where}; start without --resume")
@@ -239,7 +278,7 @@ class Trainer:
     def run_epoch(self, epoch: int) -> None:
         cfg, acc, model, pairs = self.cfg, self.acc, self.model, self.pairs
         warmup = self.in_warmup(epoch)
-        for batch in self._batches(epoch):
+        for batch, factor in self._batches(epoch):
             if warmup:
                 batch["user_ids"] = torch.full_like(batch["user_ids"], self.learner or 0)
             with acc.accumulate(self.wrapped):
@@ -255,8 +294,10 @@ class Trainer:
                         model, pair_users, self.counts, cfg.prior_on, center
                     )
                 self._check_finite(loss, epoch)
-                acc.backward(loss)
-                if acc.sync_gradients and cfg.max_grad_norm:
+                acc.backward(loss if factor is None else factor * loss)
+                if acc.sync_gradients and self.shard is not None:
+                    self.shard.reduce_grads(model, self.learner, cfg.max_grad_norm)
+                elif acc.sync_gradients and cfg.max_grad_norm:
                     self._clip(cfg.max_grad_norm)
                 self.optimizer.step()
                 self.scheduler.step()
@@ -277,30 +318,45 @@ class Trainer:
         return bool(every and self.cfg.select_best and synced and step % every == 0)
 
     def _batches(self, epoch: int):
-        """This epoch's batches from the current position (mid-epoch after a resume)."""
-        cfg, acc, ds = self.cfg, self.acc, self.pairs.train
-        loader = acc.prepare(
-            DataLoader(
-                ds,
-                batch_size=cfg.batch_size,
-                sampler=_order(ds, cfg, epoch),
-                collate_fn=ds.collate,
-                # A DataLoader draws its seed from the global RNG unless it has its own
-                # generator; that draw would shift the dropout stream after a resume.
-                generator=torch.Generator().manual_seed(0),
+        """This epoch's ``(batch, loss factor)`` from the current position (mid-epoch after a
+        resume); the factor is ``None`` but when sharded (``Shard.loss_factor``)."""
+        cfg, acc, ds, step = self.cfg, self.acc, self.pairs.train, self.progress.step
+        if self.shard is not None:
+            total = math.ceil(self.total / cfg.batch_size)
+            batches = itertools.islice(self._shard_batches(epoch), step, None)
+        else:
+            loader = acc.prepare(
+                DataLoader(
+                    ds,
+                    batch_size=cfg.batch_size,
+                    sampler=_order(len(ds), ds.lengths, cfg, epoch),
+                    collate_fn=ds.collate,
+                    # A DataLoader draws its seed from the global RNG unless it has its own
+                    # generator; that draw would shift the dropout stream after a resume.
+                    generator=torch.Generator().manual_seed(0),
+                )
             )
-        )
-        step = self.progress.step
-        skipped = acc.skip_first_batches(loader, step) if step else loader
+            total = len(loader)
+            skipped = acc.skip_first_batches(loader, step) if step else loader
+            batches = ((batch, None) for batch in skipped)
         self.wrapped.train()
         return tqdm(
-            skipped,
-            total=len(loader),
+            batches,
+            total=total,
             initial=step,
             leave=False,
             desc=f"epoch {epoch + 1}/{cfg.epochs}",
             disable=not cfg.progress or not acc.is_local_main_process,
         )
+
+    def _shard_batches(self, epoch: int):
+        """The global batches of every pair, each as this process's share of it."""
+        shard, ds = self.shard, self.pairs.train
+        order = _order(self.total, lambda: self.lengths, self.cfg, epoch)
+        for local, size in shard.local_batches(order, self.positions, self.cfg.batch_size):
+            batch = ds.collate([ds[i] for i in local or [0]])
+            batch = {k: v.to(self.acc.device) for k, v in batch.items()}
+            yield batch, shard.loss_factor(local and len(local), size)
 
     def _check_finite(self, loss: torch.Tensor, epoch: int) -> None:
         if not torch.isfinite(loss):
@@ -336,15 +392,20 @@ class Trainer:
     def evaluate(self, tag: str, epoch: int | None = None) -> dict | None:
         """Validation metrics of the model as it is now (``None`` without validation data);
         during the warm-up (``epoch`` in it) routed as the warm-up trains."""
-        pairs = self.pairs
-        if pairs.val is None:
+        pairs, method, bs = self.pairs, self.model.adapter_config.method, self.cfg.batch_size
+        if not self.val_pairs:
             return None
         warmup = epoch is not None and self.in_warmup(epoch)
-        margins = predict_margins(
-            self.wrapped, pairs.val, self.cfg.batch_size, self.acc, pairs, warmup
-        )
-        users = self.model.users.decode(pairs.val.user_ids)
-        metrics = summarize(users, margins, self.model.adapter_config.method, "val", bootstrap=0)
+        if self.shard is None:
+            margins = predict_margins(self.wrapped, pairs.val, bs, self.acc, pairs, warmup)
+            users = self.model.users.decode(pairs.val.user_ids)
+            metrics = summarize(users, margins, method, "val", bootstrap=0)
+        else:  # each process its own users' pairs, on its own model; the metrics gathered
+            margins, users = [], []
+            if pairs.val is not None:
+                margins = predict_margins(self.model, pairs.val, bs, None, pairs, warmup)
+                users = self.model.users.decode(pairs.val.user_ids)
+            metrics = self.shard.metrics(users, margins, method, "val", bootstrap=0)
         self._write_log(
             event="eval",
             at=tag,
@@ -365,11 +426,11 @@ class Trainer:
         if better:
             progress.best, self.best_val = metrics["macro_accuracy"], metrics
             progress.best_at = progress.epoch + (1 if progress.step else 0)  # epochs to refit
-        if acc.is_main_process:
+        if acc.is_main_process or self.shard is not None:  # a shard saves its own
             state = (self.model, self.optimizer, self.scheduler, asdict(progress))
             if better:
-                save_checkpoint(self.out / "checkpoints" / "best", *state)
-            save_checkpoint(self.out / "checkpoints" / "last", *state)
+                save_checkpoint(self._checkpoints() / "best", *state)
+            save_checkpoint(self._checkpoints() / "last", *state)
         acc.wait_for_everyone()  # no process reads a checkpoint before it is written
 
     # ------------------------------------------------------------------------------ finish
@@ -378,15 +439,20 @@ class Trainer:
         cfg, model, acc, out = self.cfg, self.model, self.acc, self.out
         metrics = None
         if out is not None and self.progress.best is not None:
-            model.load_trainable(out / "checkpoints" / "best" / "model" / "adapters.safetensors")
+            model.load_trainable(self._checkpoints() / "best" / "model" / "adapters.safetensors")
             metrics = self.best_val
         if self.learner is not None:
             population.detach_learner(model, self.learner)
             self.user_counts = self.user_counts[: self.learner]
         metrics = metrics or self.evaluate("final")
+        median = None
+        if self.shard is not None:  # the strength's median and population: every user's
+            median = self.shard.median_count(self.user_counts)
+            model.population = self._population()
         if self.scale is not None:  # a refit: validation chose the scale before
             scale = None if self.scale == "start" else self.scale
-            strength, tried = apply_scale(model, scale, self.user_counts, self.start), {}
+            strength = apply_scale(model, scale, self.user_counts, self.start, median)
+            tried = {}
         else:
             strength, metrics, tried = apply_strength(
                 model,
@@ -396,11 +462,12 @@ class Trainer:
                 self.user_counts,
                 cfg.strength_rule,
                 self.start,
+                median,
             )
         summary = {
             "config": asdict(cfg),
             "train_pairs": self.train_pairs,
-            "val_pairs": len(self.pairs.val) if self.pairs.val else 0,
+            "val_pairs": self.val_pairs,
             "truncated_texts": self.pairs.truncated,
             "steps": self.progress.global_step,
             "processes": acc.num_processes,
@@ -434,9 +501,12 @@ class Trainer:
             "parameters": model.parameter_report(),
             "head": model.head_init,
         }
-        if out is not None and acc.is_main_process:
-            model.save_pretrained(out, training=summary)
-            if metrics:
+        if self.shard is not None:
+            summary["shard"] = self.shard_record
+            summary["parameters"] = model.parameter_report(len(self.shard.users))
+        if out is not None:
+            save(model, out, summary, self.shard)
+            if metrics and acc.is_main_process:
                 write_json(out / "val_metrics.json", metrics)
         if self.log:
             self.log.close()

@@ -1,0 +1,278 @@
+"""User-sharded training: each user belongs to one process, which alone holds the user's rows
+and their optimizer state::
+
+    rank 0: users {a, c, ...}  tables [N/2, ...]  ─┐  shared parts (B, head): DDP all-reduce
+    rank 1: users {b, d, ...}  tables [N/2, ...]  ─┘  user tables: never communicated
+
+Every process walks the same global batches (the single-process order over every pair) and
+keeps the pairs of its own users; the loss is scaled so that DDP's average of the shared
+gradients is the single-process mean. The only other traffic per step is the population
+learner's rows (every user's pairs train it) and one number for the gradient norm, so a step
+communicates the same bytes at 10^3 users as at 10^5. The single-process machinery (row-sparse
+gradients, lazy row-wise Adam, host tables) runs unchanged in each process.
+
+``torch.distributed`` (set up by ``accelerate``) does the communication; nothing here opens a
+channel of its own.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from .data import Comparison
+from .evaluate import summarize
+from .population import _user_tables
+from .users import UserVocab
+
+__all__ = ["Shard", "checkpoints", "on_cpu", "plan", "save"]
+
+
+def on_cpu() -> bool:
+    """No accelerator: processes a launcher starts form one gloo group only when the state is
+    set up with ``cpu=True`` (else each trains alone), so every first use of it passes this."""
+    return not torch.cuda.is_available() and not torch.backends.mps.is_available()
+
+
+def plan(users: list[str], data: list[Comparison], personalized: bool, mode: str = "auto"):
+    """The shard of this process, or ``None`` when nothing is sharded (one process, a shared
+    reward, or ``mode="off"``). Users are dealt by comparison count, largest first, each to
+    the least loaded process, so every process steps over about as many pairs. ``users``: the
+    order a single process holds them in (the merged model's)."""
+    from accelerate import PartialState
+
+    state = PartialState(cpu=on_cpu())
+    if mode == "off" or state.num_processes == 1 or not personalized:
+        return None
+    world = state.num_processes
+    if len(users) < world:
+        raise ValueError(
+            f"--shard-users gives each process its own users, but {len(users)} users cannot "
+            f"fill {world} processes: launch at most {len(users)}, or pass --shard-users off"
+        )
+    counts = Counter(c.user for c in data)
+    loads, owner = [0] * world, {}
+    for user in sorted(users, key=lambda u: -counts[u]):  # stable: ties keep the users' order
+        rank = min(range(world), key=loads.__getitem__)  # ties: the lowest rank
+        owner[user] = rank
+        loads[rank] += counts[user]
+    return Shard(state.process_index, world, owner, list(users))
+
+
+@dataclass
+class Shard:
+    """Which process owns which user; ``users``: every user, in the merged model's order."""
+
+    rank: int
+    world: int
+    owner: dict[str, int]
+    users: list[str]
+
+    def local_users(self, users: list[str]) -> list[str]:
+        return [u for u in users if self.owner.get(u) == self.rank]
+
+    def positions(self, data: list[Comparison]) -> list[int]:
+        """Where this process's pairs sit in ``data``. A pair of a user no process owns (the
+        population learner's copy) goes with the pair it copies: the caller places it."""
+        return [i for i, c in enumerate(data) if self.owner.get(c.user) == self.rank]
+
+    def mine(self, data: list[Comparison] | None) -> list[Comparison] | None:
+        return None if data is None else [data[i] for i in self.positions(data)]
+
+    def record(self, data: list[Comparison]) -> dict:
+        """What the run saves about the sharding (``training.shard`` in ``sharelora.json``)."""
+        pairs = Counter(self.owner[c.user] for c in data if c.user in self.owner)
+        users = Counter(self.owner.values())
+        return {
+            "processes": self.world,
+            "users_per_process": [users[r] for r in range(self.world)],
+            "pairs_per_process": [pairs[r] for r in range(self.world)],
+            "rule": "by comparison count, largest first, to the least loaded process",
+        }
+
+    def gather(self, obj) -> list:
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def total(self, n: int) -> int:
+        return sum(self.gather(n))
+
+    # ------------------------------------------------------------------------- batches
+    def global_lengths(self, positions: list[int], lengths: list[int], total: int) -> list[int]:
+        """Every pair's length in global order, from each process's own (once per run)."""
+        out = [0] * total
+        for pos, lens in self.gather((positions, lengths)):
+            for p, n in zip(pos, lens, strict=True):
+                out[p] = n
+        return out
+
+    @staticmethod
+    def local_batches(order: list[int], positions: list[int], batch_size: int):
+        """Per global batch of ``order``: ``(local indices, global batch size)``. A process
+        with none of a batch's pairs still steps, on its first pair at weight zero, so every
+        process takes every step and DDP's all-reduce never waits on a missing rank."""
+        local = {p: j for j, p in enumerate(positions)}
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            yield [local[p] for p in chunk if p in local] or None, len(chunk)
+
+    def loss_factor(self, local: int | None, size: int) -> float:
+        """What a process's mean loss over its ``local`` pairs is multiplied by: DDP averages
+        the shared gradients over processes, so ``world · local / size`` makes that average
+        the mean over the global batch of ``size`` pairs (zero for a stand-in step)."""
+        return self.world * local / size if local else 0.0
+
+    # --------------------------------------------------------------------------- grads
+    def ignore_user_tables(self, model) -> None:
+        """Keep the user tables out of DDP (call before wrapping): their rows differ per
+        process by design, and DDP would all-reduce every row every step."""
+        tables = {id(p) for p in model.user_parameters()}
+        names = [n for n, p in model.named_parameters() if id(p) in tables]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
+
+    @torch.no_grad()
+    def reduce_grads(self, model, learner: int | None, max_norm: float) -> float:
+        """After backward: user-table gradients to the single-process scale (DDP averaged the
+        shared ones over processes; the tables it ignores hold ``world`` times theirs), the
+        learner's rows summed over processes, and every gradient clipped by the global norm
+        (``max_norm`` 0: none). Returns that norm. One all-reduce of the learner's rows and
+        one number: the same bytes at any number of users."""
+        tables = [t for t in model.user_parameters() if t.grad is not None]
+        rows, rest_sq = [], torch.zeros(1)
+        for table in tables:
+            table.grad.div_(self.world)
+            row, sq = _split_row(table.grad, learner)
+            rows.append(row.flatten().float().cpu())
+            rest_sq += sq
+        device = _comm_device()
+        flat = torch.cat([*rows, rest_sq]).to(device)
+        dist.all_reduce(flat)
+        flat = flat.cpu()
+        offset, learner_sq = 0, 0.0
+        for table, row in zip(tables, rows, strict=True):
+            summed = flat[offset : offset + row.numel()]
+            offset += row.numel()
+            if learner is not None:
+                table.grad = _put_row(table.grad, learner, summed.view(table.shape[1:]))
+                learner_sq += float(summed.pow(2).sum())
+        shared = [p.grad for p in model.shared_parameters() if p.grad is not None]
+        shared_sq = sum(float(g.float().pow(2).sum()) for g in shared)  # equal on every rank
+        norm = math.sqrt(shared_sq + float(flat[-1]) + learner_sq)
+        if max_norm and norm > max_norm:
+            scale = max_norm / (norm + 1e-6)  # as torch.nn.utils.clip_grad_norm_
+            for g in shared + [t.grad for t in tables]:
+                g.mul_(scale)
+        return norm
+
+    # ----------------------------------------------------------------- population/counts
+    @torch.no_grad()
+    def mean_of(self, model) -> dict[str, torch.Tensor]:
+        """``population.mean_of`` over every process's users."""
+        from .population import mean_of
+
+        mean = mean_of(model)
+        for name, table in _user_tables(model).items():
+            total = torch.cat([table.sum(0).flatten().float(), torch.tensor([len(table)])])
+            total = total.to(_comm_device())
+            dist.all_reduce(total)
+            total = total.cpu()
+            mean[name] = (total[:-1] / total[-1]).view_as(mean[name]).to(mean[name])
+        return mean
+
+    def median_count(self, counts: torch.Tensor) -> float:
+        """The median training count over every process's users with pairs (the strength's
+        ``median n_u``)."""
+        everyone = torch.tensor([n for part in self.gather(counts.tolist()) for n in part])
+        trained = everyone[everyone > 0].float()
+        return float(trained.median()) if len(trained) else 1.0
+
+    # ---------------------------------------------------------------------------- save
+    def save_merged(self, model, directory: str | Path, training: dict) -> None:
+        """One model of every user, as a single process saves it: each process sends its
+        rows to process 0, which writes ``directory``."""
+        names = list(_user_tables(model))
+        mine = {n: t.cpu() for n, t in model.trainable_state_dict().items() if n in names}
+        parts = [None] * self.world if self.rank == 0 else None
+        dist.gather_object((model.users.names, mine), parts, dst=0)
+        if self.rank == 0:
+            where = {u: (r, i) for r, (users, _) in enumerate(parts) for i, u in enumerate(users)}
+            order = self.users + [u for u in model.users.names if u not in self.owner]
+            merged = {
+                name: torch.stack([parts[where[u][0]][1][name][where[u][1]] for u in order])
+                for name in names
+            }
+            model.save_pretrained(directory, training, users=UserVocab(order), tables=merged)
+        dist.barrier()  # no process reads the model before it is written
+
+    def metrics(self, users: list[str], margins: list[float], method: str, split: str, **kw):
+        """``summarize`` over every process's pairs."""
+        gathered = self.gather((users, margins))
+        every_user = [u for part, _ in gathered for u in part]
+        every_margin = [m for _, part in gathered for m in part]
+        return summarize(every_user, every_margin, method, split, **kw)
+
+
+def checkpoints(out: Path, shard: Shard | None) -> Path:
+    """``OUTPUT/checkpoints``, or when sharded each process's own directory under it (a
+    resume must then use as many processes)."""
+    root = Path(out) / "checkpoints"
+    if shard is None:
+        return root
+    ours = f"-of-{shard.world}"
+    others = sorted(p.name for p in root.glob("rank-*-of-*") if not p.name.endswith(ours))
+    if others:
+        raise ValueError(
+            f"{root} holds the checkpoints of another number of processes ({others[0]}): "
+            "--resume with that many processes, or start afresh without --resume"
+        )
+    return root / f"rank-{shard.rank}{ours}"
+
+
+def save(model, directory, training: dict, shard: Shard | None) -> None:
+    """Write the trained model: merged from every shard, else from the main process."""
+    if shard is not None:
+        shard.save_merged(model, directory, training)
+        return
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        model.save_pretrained(directory, training=training)
+
+
+def _comm_device() -> torch.device:
+    return torch.device("cuda") if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _split_row(grad: torch.Tensor, row: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(grad[row], |grad without that row|² [1])`` of a dense or a row-sparse gradient."""
+    shape = grad.shape[1:]
+    if grad.is_sparse:
+        g = grad.coalesce()
+        idx, values = g.indices()[0], g.values()
+        hit = idx == row if row is not None else torch.zeros_like(idx, dtype=torch.bool)
+        picked = values[hit].sum(0) if hit.any() else values.new_zeros(shape)
+        return picked, values[~hit].float().pow(2).sum().cpu().view(1)
+    if row is None:
+        return grad.new_zeros(shape), grad.float().pow(2).sum().cpu().view(1)
+    total = grad.float().pow(2).sum() - grad[row].float().pow(2).sum()
+    return grad[row].clone(), total.cpu().view(1)
+
+
+def _put_row(grad: torch.Tensor, row: int, value: torch.Tensor) -> torch.Tensor:
+    value = value.to(grad.dtype)
+    if not grad.is_sparse:
+        grad[row] = value.to(grad.device)
+        return grad
+    g = grad.coalesce()
+    keep = g.indices()[0] != row
+    idx = torch.cat([g.indices()[:, keep], torch.tensor([[row]], device=g.device)], dim=1)
+    values = torch.cat([g.values()[keep], value.to(g.device).unsqueeze(0)])
+    # The rows are the gradient's own, and ``row`` is a row of the table.
+    return torch.sparse_coo_tensor(idx, values, grad.shape, check_invariants=False).coalesce()

@@ -1,0 +1,126 @@
+"""User-sharded training (``sharelora.shard``): two CPU processes on gloo, each holding half of
+the users, against one process holding them all, fed the same global batches.
+
+Launched as `tests/test_distributed.py` does (``--multi_gpu`` on a GPU-less machine starts one
+CPU process per rank).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import randomize, save_text_backbone
+from safetensors.torch import load_file
+
+from sharelora import AdapterConfig, PersonalizedRewardModel
+from sharelora.score import score_texts
+
+HERE = Path(__file__).parent
+# One process sums a batch's gradient in one order, two processes in halves and then an
+# all-reduce (~1e-7 apart); Adam divides each coordinate by its own gradient scale, so a
+# coordinate whose gradient is near zero moves by up to its learning rate on rounding alone.
+TOLERANCE = 1e-4
+LAUNCH = [
+    "-m",
+    "accelerate.commands.launch",
+    "--multi_gpu",  # on a machine without GPUs: one CPU process each, gloo
+    "--num_processes",
+    "2",
+    "--num_machines",
+    "1",
+    "--mixed_precision",
+    "no",
+    "--dynamo_backend",
+    "no",
+]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A backbone without dropout (draws differ per process) and a shared start whose shared
+    factors are non-zero, so that every user's rows get gradients."""
+    root = tmp_path_factory.mktemp("sharded")
+    backbone = save_text_backbone(
+        root / "backbone", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
+    )
+    shared = PersonalizedRewardModel.from_backbone(
+        backbone, ["anyone"], AdapterConfig(method="shared", rank=2)
+    )
+    randomize(shared, scale=0.2)
+    shared.save_pretrained(root / "start")
+    return backbone, str(root / "start")
+
+
+def _run(args: list[str], cwd: Path) -> list[dict]:
+    env = {**os.environ, "PYTHONPATH": str(HERE), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+
+
+def _train(setup, tmp_path, mode: str, processes: int) -> Path:
+    backbone, start = setup
+    out = tmp_path / f"{mode}-{processes}"
+    job = [str(HERE / "shard_job.py"), backbone, start, str(out), mode]
+    printed = _run((LAUNCH if processes > 1 else []) + job, tmp_path)
+    assert [p["processes"] for p in printed] == [processes] * processes
+    assert [p["users"] for p in printed] == [6 // processes] * processes  # N/P users each
+    return out
+
+
+def _assert_same_model(one: Path, two: Path) -> None:
+    assert json.loads((one / "users.json").read_text()) == json.loads(
+        (two / "users.json").read_text()
+    )
+    for name in ("adapters.safetensors", "population.safetensors"):
+        a, b = load_file(one / name), load_file(two / name)
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key].shape == b[key].shape, key
+            torch.testing.assert_close(a[key], b[key], atol=TOLERANCE, rtol=TOLERANCE)
+
+
+@pytest.mark.parametrize("mode", ["frozen", "trained"])
+def test_sharded_training_matches_one_process(setup, tmp_path, mode):
+    one = _train(setup, tmp_path, mode, 1)
+    two = _train(setup, tmp_path, mode, 2)
+    _assert_same_model(one, two)
+    summary = json.loads((two / "sharelora.json").read_text())["training"]
+    assert summary["shard"]["users_per_process"] == [3, 3]
+    # Pairs are dealt by count: users have 6..11 training pairs (51 in all; 26 and 25 per
+    # process), and the refit adds 2..7 validation pairs each (40 and 38).
+    expected = {"frozen": [26, 25], "trained": [40, 38]}[mode]
+    assert summary["shard"]["pairs_per_process"] == expected
+    assert (
+        summary["train_pairs"]
+        == json.loads((one / "sharelora.json").read_text())["training"]["train_pairs"]
+    )
+    m1 = json.loads((one / "val_metrics.json").read_text())
+    m2 = json.loads((two / "val_metrics.json").read_text())
+    assert m1["n"] == m2["n"] and m1["users"].keys() == m2["users"].keys()
+    assert m2["macro_accuracy"] == pytest.approx(m1["macro_accuracy"], abs=1e-6)
+    rank_dirs = sorted(p.name for p in (two / "checkpoints").iterdir())
+    assert rank_dirs == ["rank-0-of-2", "rank-1-of-2"]  # each process its own users' state
+    assert summary["steps"] > 0
+    if mode == "frozen":
+        start = load_file(Path(setup[1]) / "adapters.safetensors")
+        trained = load_file(two / "adapters.safetensors")
+        shared = [k for k in start if k in trained and start[k].shape == trained[k].shape]
+        assert shared and all(torch.equal(start[k], trained[k]) for k in shared)
+
+    # The merged model is one model: a single process loads it and scores every user.
+    model = PersonalizedRewardModel.from_pretrained(two)
+    reference = PersonalizedRewardModel.from_pretrained(one)
+    users = ["user0", "user1", "user5", "user2"]
+    responses = ["yes apple river", "no stone lamp", "yes lamp tree", "no book train"]
+    got = score_texts(model, ["question 1?"] * 4, responses, users)
+    want = score_texts(reference, ["question 1?"] * 4, responses, users)
+    torch.testing.assert_close(torch.as_tensor(got), torch.as_tensor(want), atol=1e-3, rtol=0)
