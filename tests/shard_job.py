@@ -49,4 +49,6 @@ if __name__ == "__main__":
         refit = train_rows + val_rows
         result = train(model, train_rows, val_rows, cfg, output, refit_data=refit, shard=shard)
     summary = result["summary"]
-    print(json.dumps({"processes": summary["processes"], "users": len(model.users)}))
+    line = json.dumps({"processes": summary["processes"], "users": len(model.users)})
+    sys.stdout.write(line + "\n")  # one write: the two processes' lines never interleave
+    sys.stdout.flush()

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -124,3 +126,119 @@ def test_sharded_training_matches_one_process(setup, tmp_path, mode):
     got = score_texts(model, ["question 1?"] * 4, responses, users)
     want = score_texts(reference, ["question 1?"] * 4, responses, users)
     torch.testing.assert_close(torch.as_tensor(got), torch.as_tensor(want), atol=1e-3, rtol=0)
+
+
+def _data_file(tmp_path: Path) -> str:
+    from shard_job import tastes
+
+    path = tmp_path / "prefs.jsonl"
+    keys = ("prompt", "chosen", "rejected", "user")
+    rows = [json.dumps({k: getattr(c, k) for k in keys}) for c in tastes(0, 10)]
+    path.write_text("\n".join(rows) + "\n")
+    return str(path)
+
+
+def _cli(backbone: str, data: str, out: Path, *extra: str) -> list[str]:
+    return [
+        *LAUNCH,
+        "-m",
+        "sharelora.cli",
+        "train",
+        *("--data", data, "--backbone", backbone, "--output", str(out)),
+        *("--epochs", "2", "--batch-size", "4", "--rank", "2", "--max-length", "32"),
+        *("--no-select-best", "--strength", "1"),  # the refit trains, checkpointing each epoch
+        "--deterministic",
+        "--no-progress",
+        *extra,
+    ]
+
+
+def _global_step(out: Path) -> int:
+    state = out / "checkpoints" / "rank-0-of-2" / "last" / "trainer_state.json"
+    try:
+        return json.loads(state.read_text())["progress"]["global_step"]
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def _rank_pid(launcher: int, rank: int) -> int | None:
+    """The pid of the launcher's worker of ``rank`` (from /proc: its parent and RANK)."""
+    parent = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            parent[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (ValueError, OSError):
+            continue
+    below, frontier = set(), {launcher}
+    while frontier:
+        frontier = {p for p, pp in parent.items() if pp in frontier} - below
+        below |= frontier
+    for pid in below:
+        try:
+            env = (Path("/proc") / str(pid) / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env and b"LOCAL_RANK=" + str(rank).encode() in env:
+            return pid
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds a rank in /proc")
+def test_cli_sigkill_of_one_rank_then_resume_equals_uninterrupted(setup, tmp_path):
+    backbone, _ = setup
+    data = _data_file(tmp_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    full = tmp_path / "full"
+    done = subprocess.run(
+        [sys.executable, *_cli(backbone, data, full)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("macro accuracy") == 1  # one report, from the main process
+    summary = json.loads((full / "sharelora.json").read_text())["training"]
+    assert summary["processes"] == 2 and summary["shard"]["users_per_process"] == [3, 3]
+
+    cut = tmp_path / "cut"
+    launcher = subprocess.Popen(
+        [sys.executable, *_cli(backbone, data, cut)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 300
+    while _global_step(cut) < 1 and launcher.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    victim = _rank_pid(launcher.pid, 1)
+    assert victim is not None, "rank 1 not found"
+    os.kill(victim, signal.SIGKILL)  # one rank, wherever it is; the launcher stops the other
+    launcher.wait(timeout=120)
+    assert launcher.returncode != 0
+    assert not (cut / "adapters.safetensors").exists(), "the run finished before the kill"
+
+    one = subprocess.run(  # a resume must use as many processes
+        [sys.executable, *_cli(backbone, data, cut, "--resume")[len(LAUNCH) :]],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert one.returncode == 2 and "another number of processes" in one.stderr
+    done = subprocess.run(
+        [sys.executable, *_cli(backbone, data, cut, "--resume")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = load_file(full / "adapters.safetensors"), load_file(cut / "adapters.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit-identical
+    log = [json.loads(line) for line in (cut / "train_log.jsonl").read_text().splitlines()]
+    assert [e["global_step"] for e in log if e["event"] == "step"][-1] == summary["steps"]
+    assert log[0]["global_step"] > 1  # continued from the checkpoint, not from the start
+    assert json.loads((full / "metrics.json").read_text()) == json.loads(
+        (cut / "metrics.json").read_text()
+    )

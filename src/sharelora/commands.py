@@ -18,8 +18,11 @@ def _log(*parts) -> None:
 
 def cmd_train(args) -> None:
     from .recipe import run
+    from .shard import is_main_process
 
     result = run(configs(args))
+    if not is_main_process():  # under a launcher, one report
+        return
     if result["metrics"]:
         _print_metrics(result["metrics"])
     _log(f"model written to {args.output}{served_note(result['summary'])}")

@@ -19,11 +19,9 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
-from accelerate import PartialState
-
 from .config import PRIOR_GRID, TrainConfig
 from .files import clear_run_state, write_json
-from .shard import save
+from .shard import is_main_process, save
 from .strength import snapshot
 from .train import Trainer
 
@@ -34,7 +32,7 @@ def search_prior(model, train_data, val_data, cfg: TrainConfig, output_dir, cach
     gains ``prior_search`` (τ: that loss)."""
     start, population = snapshot(model), model.population
     out = Path(output_dir) if output_dir is not None else None
-    if out is not None and out.is_dir() and PartialState().is_main_process:
+    if out is not None and out.is_dir() and is_main_process():
         clear_run_state(out)  # a plain run's log and checkpoints from before are not this run's
     losses, best = {}, None
     for tau in PRIOR_GRID:
@@ -48,7 +46,7 @@ def search_prior(model, train_data, val_data, cfg: TrainConfig, output_dir, cach
         losses[tau] = run["val_metrics"]["calibrated_loss"]
         if best is None or losses[tau] < losses[best[0]]:
             best = tau, snapshot(model), model.population, run
-        if where is not None and PartialState().is_main_process:
+        if where is not None and is_main_process():
             # Optimizer state of every user row: a try is never resumed, so it is dead weight.
             shutil.rmtree(where / "checkpoints", ignore_errors=True)
     _, tensors, model.population, run = best
@@ -57,6 +55,6 @@ def search_prior(model, train_data, val_data, cfg: TrainConfig, output_dir, cach
     summary["config"] = {**summary["config"], "prior": "auto"}
     if out is not None:
         save(model, out, summary, shard)
-        if PartialState().is_main_process:
+        if is_main_process():
             write_json(out / "val_metrics.json", run["val_metrics"])
     return {"summary": summary, "val_metrics": run["val_metrics"], "prefix_cache": cache}

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import warnings
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
-from accelerate import PartialState
 
 from .config import (
     PRIOR_GRID,
@@ -50,7 +50,7 @@ from .files import clear_run_state, run_lock, write_json
 from .flags import Configs
 from .model import PersonalizedRewardModel
 from .prior import search_prior
-from .shard import checkpoints, plan, save
+from .shard import checkpoints, is_main_process, plan, save
 from .train import Trainer
 
 
@@ -177,7 +177,7 @@ def fit(
         chosen = json.loads((select / "sharelora.json").read_text())["training"]
         val_metrics = json.loads((select / "val_metrics.json").read_text())
     else:
-        if out is not None and PartialState().is_main_process:
+        if out is not None and is_main_process():
             clear_run_state(out)  # the choosing run is not resumed from OUTPUT's checkpoints
         run = _choose(model, train_data, val_data, cfg, select, resume, cache, None, shard)
         chosen, val_metrics, cache = run["summary"], run["val_metrics"], run["prefix_cache"]
@@ -212,7 +212,7 @@ def fit(
     }
     if out is not None:
         save(model, out, summary, shard)
-        if val_metrics and PartialState().is_main_process:
+        if val_metrics and is_main_process():
             write_json(out / "val_metrics.json", val_metrics)
     return {**run, "summary": summary, "val_metrics": val_metrics}
 
@@ -283,7 +283,8 @@ def run(c: Configs, log=_log) -> dict:
     from_shared = not cfg.init_from if c.run.from_shared is None else c.run.from_shared
     splits = read_split(c.data, c.split, log)
     with run_lock(out), deterministic_mode(cfg.deterministic):
-        splits.write_manifest(out / "split.json")
+        if os.environ.get("RANK", "0") == "0":  # one writer under a launcher (as run_lock)
+            splits.write_manifest(out / "split.json")
         if from_shared and c.adapter.personalized:
             # The shared model first, on the same split: every user starts from it, and it is
             # a fallback validation can choose (the population trained from it is the other).
@@ -306,6 +307,6 @@ def run(c: Configs, log=_log) -> dict:
         metrics = None
         if splits.test:
             metrics = test_metrics(model, splits, cfg, result["prefix_cache"], shard)
-            if PartialState().is_main_process:
+            if is_main_process():
                 write_json(out / "metrics.json", metrics)
     return {**result, "metrics": metrics}

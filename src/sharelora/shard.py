@@ -17,7 +17,9 @@ channel of its own.
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,18 +28,26 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from .checkpoint import STATE_FILE, resolve_checkpoint, save_checkpoint
 from .data import Comparison
 from .evaluate import summarize
 from .population import _user_tables
 from .users import UserVocab
 
-__all__ = ["Shard", "checkpoints", "on_cpu", "plan", "save"]
+__all__ = ["Shard", "checkpoints", "is_main_process", "on_cpu", "plan", "save"]
 
 
 def on_cpu() -> bool:
     """No accelerator: processes a launcher starts form one gloo group only when the state is
     set up with ``cpu=True`` (else each trains alone), so every first use of it passes this."""
     return not torch.cuda.is_available() and not torch.backends.mps.is_available()
+
+
+def is_main_process() -> bool:
+    """Whether this is the process that writes shared files (the only one, or rank 0)."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=on_cpu()).is_main_process
 
 
 def plan(users: list[str], data: list[Comparison], personalized: bool, mode: str = "auto"):
@@ -193,6 +203,41 @@ class Shard:
         trained = everyone[everyone > 0].float()
         return float(trained.median()) if len(trained) else 1.0
 
+    # ---------------------------------------------------------------------- checkpoints
+    def save_checkpoints(self, root: Path, state: tuple, better: bool) -> None:
+        """Every process's checkpoint of one step, in two phases: each writes ``NAME.next``
+        and, once every process has (a barrier), swaps it in, keeping ``NAME.previous``.
+        Killed anywhere, the processes still share a step they all hold (``settle``)."""
+        names = (["best"] if better else []) + ["last"]
+        for name in names:
+            save_checkpoint(root / f"{name}.next", *state)
+        dist.barrier()
+        for name in names:
+            final, previous = root / name, root / f"{name}.previous"
+            shutil.rmtree(previous, ignore_errors=True)
+            if final.exists():
+                final.rename(previous)
+            (root / f"{name}.next").rename(final)
+
+    def settle(self, root: Path) -> None:
+        """Before a resume: put in ``root/last`` the newest step every process holds (one
+        killed mid-save may be a step behind the others), and in ``root/best`` the best as
+        of that step."""
+        last = _candidates(root, "last")
+        held = [set(map(tuple, steps)) for steps in self.gather(sorted(last))]
+        common = set.intersection(*held)
+        if not common:
+            if any(held):
+                raise ValueError(
+                    f"{root}: the processes' checkpoints share no step; start without --resume"
+                )
+            return
+        at = max(common)
+        _put(last[at], root / "last", root, "last")
+        best = {k: p for k, p in _candidates(root, "best").items() if k <= at}
+        if best:
+            _put(best[max(best)], root / "best", root, "best")
+
     # ---------------------------------------------------------------------------- save
     def save_merged(self, model, directory: str | Path, training: dict) -> None:
         """One model of every user, as a single process saves it: each process sends its
@@ -223,16 +268,14 @@ def checkpoints(out: Path, shard: Shard | None) -> Path:
     """``OUTPUT/checkpoints``, or when sharded each process's own directory under it (a
     resume must then use as many processes)."""
     root = Path(out) / "checkpoints"
-    if shard is None:
-        return root
-    ours = f"-of-{shard.world}"
-    others = sorted(p.name for p in root.glob("rank-*-of-*") if not p.name.endswith(ours))
+    ours = f"-of-{shard.world}" if shard is not None else None
+    others = sorted(p.name for p in root.glob("rank-*-of-*") if not ours or ours not in p.name)
     if others:
         raise ValueError(
-            f"{root} holds the checkpoints of another number of processes ({others[0]}): "
-            "--resume with that many processes, or start afresh without --resume"
+            f"{root} holds the checkpoints of a run sharded over another number of processes "
+            f"({others[0]}): --resume with as many processes, or start without --resume"
         )
-    return root / f"rank-{shard.rank}{ours}"
+    return root if shard is None else root / f"rank-{shard.rank}{ours}"
 
 
 def save(model, directory, training: dict, shard: Shard | None) -> None:
@@ -240,10 +283,32 @@ def save(model, directory, training: dict, shard: Shard | None) -> None:
     if shard is not None:
         shard.save_merged(model, directory, training)
         return
-    from accelerate import PartialState
-
-    if PartialState().is_main_process:
+    if is_main_process():
         model.save_pretrained(directory, training=training)
+
+
+def _candidates(root: Path, name: str) -> dict[tuple, Path]:
+    """``{(epoch, step, global step): directory}`` of the complete checkpoints ``name``,
+    ``name.next`` and ``name.previous`` under ``root``."""
+    out = {}
+    for suffix in ("", ".next", ".previous"):
+        path = resolve_checkpoint(root / f"{name}{suffix}")
+        if path is not None:
+            p = json.loads((path / STATE_FILE).read_text())["progress"]
+            out[(p["epoch"], p["step"], p["global_step"])] = path
+    return out
+
+
+def _put(chosen: Path, final: Path, root: Path, name: str) -> None:
+    """``chosen`` as ``final``; every other copy of checkpoint ``name`` removed."""
+    keep = root / f"{name}.chosen"
+    if chosen != keep:
+        shutil.rmtree(keep, ignore_errors=True)
+        chosen.rename(keep)
+    for other in root.glob(f"{name}*"):
+        if other != keep:
+            shutil.rmtree(other)
+    keep.rename(final)
 
 
 def _comm_device() -> torch.device:

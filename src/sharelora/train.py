@@ -245,6 +245,8 @@ class Trainer:
         self.acc.wait_for_everyone()
 
     def _restore(self) -> None:
+        if self.out is not None and self.shard is not None:
+            self.shard.settle(self._checkpoints())
         last = resolve_checkpoint(self._checkpoints() / "last") if self.out else None
         if last is None:
             where = self.out / "checkpoints" if self.out else "(no output directory)"
@@ -426,8 +428,10 @@ class Trainer:
         if better:
             progress.best, self.best_val = metrics["macro_accuracy"], metrics
             progress.best_at = progress.epoch + (1 if progress.step else 0)  # epochs to refit
-        if acc.is_main_process or self.shard is not None:  # a shard saves its own
-            state = (self.model, self.optimizer, self.scheduler, asdict(progress))
+        state = (self.model, self.optimizer, self.scheduler, asdict(progress))
+        if self.shard is not None:  # each process its own users, at one step
+            self.shard.save_checkpoints(self._checkpoints(), state, better)
+        elif acc.is_main_process:
             if better:
                 save_checkpoint(self._checkpoints() / "best", *state)
             save_checkpoint(self._checkpoints() / "last", *state)
