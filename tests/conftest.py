@@ -128,6 +128,18 @@ def tiny_text_backbone(tmp_path_factory):
     return save_text_backbone(tmp_path_factory.mktemp("tiny-text"))
 
 
+# `python` + these runs a script on two processes. With accelerate 1.15, `--cpu
+# --num_processes 2` starts one; `--multi_gpu` on a machine without GPUs starts one CPU process
+# per rank on gloo (torchrun underneath).
+LAUNCH_TWO = [
+    "-m",
+    "accelerate.commands.launch",
+    "--multi_gpu",
+    *("--num_processes", "2", "--num_machines", "1"),
+    *("--mixed_precision", "no", "--dynamo_backend", "no"),
+]
+
+
 def opposite_tastes(n_per_user: int = 40, seed: int = 0):
     """Learnable data: 'sunny' prefers replies with 'yes', 'rainy' replies with 'no'."""
     import random

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_text_backbone
+from conftest import LAUNCH_TWO, save_text_backbone
 from safetensors.torch import load_file
 
 HERE = Path(__file__).parent
@@ -50,17 +50,7 @@ def test_two_processes_match_one(no_dropout_backbone, tmp_path):
     double = _run(
         [
             sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--multi_gpu",  # on a machine without GPUs: one CPU process each, gloo
-            "--num_processes",
-            "2",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
+            *LAUNCH_TWO,
             job,
             no_dropout_backbone,
             str(tmp_path / "two"),

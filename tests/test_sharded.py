@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import randomize, save_text_backbone
+from conftest import LAUNCH_TWO, randomize, save_text_backbone
 from safetensors.torch import load_file
 
 from sharelora import AdapterConfig, PersonalizedRewardModel
@@ -28,19 +28,6 @@ HERE = Path(__file__).parent
 # all-reduce (~1e-7 apart); Adam divides each coordinate by its own gradient scale, so a
 # coordinate whose gradient is near zero moves by up to its learning rate on rounding alone.
 TOLERANCE = 1e-4
-LAUNCH = [
-    "-m",
-    "accelerate.commands.launch",
-    "--multi_gpu",  # on a machine without GPUs: one CPU process each, gloo
-    "--num_processes",
-    "2",
-    "--num_machines",
-    "1",
-    "--mixed_precision",
-    "no",
-    "--dynamo_backend",
-    "no",
-]
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +59,7 @@ def _train(setup, tmp_path, mode: str, processes: int) -> Path:
     backbone, start = setup
     out = tmp_path / f"{mode}-{processes}"
     job = [str(HERE / "shard_job.py"), backbone, start, str(out), mode]
-    printed = _run((LAUNCH if processes > 1 else []) + job, tmp_path)
+    printed = _run((LAUNCH_TWO if processes > 1 else []) + job, tmp_path)
     assert [p["processes"] for p in printed] == [processes] * processes
     assert [p["users"] for p in printed] == [6 // processes] * processes  # N/P users each
     return out
@@ -140,7 +127,7 @@ def _data_file(tmp_path: Path) -> str:
 
 def _cli(backbone: str, data: str, out: Path, *extra: str) -> list[str]:
     return [
-        *LAUNCH,
+        *LAUNCH_TWO,
         "-m",
         "sharelora.cli",
         "train",
@@ -219,7 +206,7 @@ def test_cli_sigkill_of_one_rank_then_resume_equals_uninterrupted(setup, tmp_pat
     assert not (cut / "adapters.safetensors").exists(), "the run finished before the kill"
 
     one = subprocess.run(  # a resume must use as many processes
-        [sys.executable, *_cli(backbone, data, cut, "--resume")[len(LAUNCH) :]],
+        [sys.executable, *_cli(backbone, data, cut, "--resume")[len(LAUNCH_TWO) :]],
         env=env,
         capture_output=True,
         text=True,
