@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import warnings
 from dataclasses import asdict, replace
@@ -283,7 +282,7 @@ def run(c: Configs, log=_log) -> dict:
     from_shared = not cfg.init_from if c.run.from_shared is None else c.run.from_shared
     splits = read_split(c.data, c.split, log)
     with run_lock(out), deterministic_mode(cfg.deterministic):
-        if os.environ.get("RANK", "0") == "0":  # one writer under a launcher (as run_lock)
+        if is_main_process():  # one writer under a launcher
             splits.write_manifest(out / "split.json")
         if from_shared and c.adapter.personalized:
             # The shared model first, on the same split: every user starts from it, and it is

@@ -43,11 +43,15 @@ def on_cpu() -> bool:
     return not torch.cuda.is_available() and not torch.backends.mps.is_available()
 
 
-def is_main_process() -> bool:
-    """Whether this is the process that writes shared files (the only one, or rank 0)."""
+def _state():
     from accelerate import PartialState
 
-    return PartialState(cpu=on_cpu()).is_main_process
+    return PartialState(cpu=on_cpu())
+
+
+def is_main_process() -> bool:
+    """Whether this is the process that writes shared files (the only one, or rank 0)."""
+    return _state().is_main_process
 
 
 def plan(users: list[str], data: list[Comparison], personalized: bool, mode: str = "auto"):
@@ -55,9 +59,7 @@ def plan(users: list[str], data: list[Comparison], personalized: bool, mode: str
     reward, or ``mode="off"``). Users are dealt by comparison count, largest first, each to
     the least loaded process, so every process steps over about as many pairs. ``users``: the
     order a single process holds them in (the merged model's)."""
-    from accelerate import PartialState
-
-    state = PartialState(cpu=on_cpu())
+    state = _state()
     if mode == "off" or state.num_processes == 1 or not personalized:
         return None
     world = state.num_processes
@@ -110,9 +112,6 @@ class Shard:
         out = [None] * self.world
         dist.all_gather_object(out, obj)
         return out
-
-    def total(self, n: int) -> int:
-        return sum(self.gather(n))
 
     # ------------------------------------------------------------------------- batches
     def global_lengths(self, positions: list[int], lengths: list[int], total: int) -> list[int]:
@@ -247,12 +246,12 @@ class Shard:
         parts = [None] * self.world if self.rank == 0 else None
         dist.gather_object((model.users.names, mine), parts, dst=0)
         if self.rank == 0:
-            where = {u: (r, i) for r, (users, _) in enumerate(parts) for i, u in enumerate(users)}
+            # Every process's rows one after another, then put in the merged model's order.
+            stacked = [u for users, _ in parts for u in users]
+            at = {u: i for i, u in enumerate(stacked)}
             order = self.users + [u for u in model.users.names if u not in self.owner]
-            merged = {
-                name: torch.stack([parts[where[u][0]][1][name][where[u][1]] for u in order])
-                for name in names
-            }
+            index = torch.tensor([at[u] for u in order])
+            merged = {n: torch.cat([rows[n] for _, rows in parts])[index] for n in names}
             model.save_pretrained(directory, training, users=UserVocab(order), tables=merged)
         dist.barrier()  # no process reads the model before it is written
 

@@ -325,7 +325,7 @@ class Trainer:
         cfg, acc, ds, step = self.cfg, self.acc, self.pairs.train, self.progress.step
         if self.shard is not None:
             total = math.ceil(self.total / cfg.batch_size)
-            batches = itertools.islice(self._shard_batches(epoch), step, None)
+            batches = self._shard_batches(epoch, step)
         else:
             loader = acc.prepare(
                 DataLoader(
@@ -351,11 +351,13 @@ class Trainer:
             disable=not cfg.progress or not acc.is_local_main_process,
         )
 
-    def _shard_batches(self, epoch: int):
-        """The global batches of every pair, each as this process's share of it."""
+    def _shard_batches(self, epoch: int, skip: int):
+        """The global batches of every pair after the first ``skip``, each as this process's
+        share of it (skipped ones are never collated)."""
         shard, ds = self.shard, self.pairs.train
         order = _order(self.total, lambda: self.lengths, self.cfg, epoch)
-        for local, size in shard.local_batches(order, self.positions, self.cfg.batch_size):
+        shares = shard.local_batches(order, self.positions, self.cfg.batch_size)
+        for local, size in itertools.islice(shares, skip, None):
             batch = ds.collate([ds[i] for i in local or [0]])
             batch = {k: v.to(self.acc.device) for k, v in batch.items()}
             yield batch, shard.loss_factor(local and len(local), size)
