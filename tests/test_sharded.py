@@ -77,6 +77,32 @@ def _assert_same_model(one: Path, two: Path) -> None:
             torch.testing.assert_close(a[key], b[key], atol=TOLERANCE, rtol=TOLERANCE)
 
 
+def test_plan_balances_pairs_then_users(monkeypatch):
+    """Users are dealt by pair count; users without training pairs (they still hold rows and
+    optimizer state) go to the process holding fewer users, not all to the first."""
+    from types import SimpleNamespace
+
+    from sharelora import shard as shard_module
+    from sharelora.data import Comparison
+
+    state = SimpleNamespace(num_processes=2, process_index=0)
+    monkeypatch.setattr(shard_module, "_state", lambda: state)
+    users = [f"u{i}" for i in range(8)]
+    data = [
+        Comparison("p", "a", "b", u)
+        for u, n in zip(users, [5, 3, 2, 0, 0, 0, 0, 0], strict=True)
+        for _ in range(n)
+    ]
+    shard = shard_module.plan(users, data, personalized=True)
+    # u0 (5 pairs) to rank 0; u1 (3) and u2 (2) to rank 1: 5 pairs each. The five users
+    # without pairs go where fewer users sit: u3 to rank 0 (1 user against 2), then ties
+    # (2 and 2) to the lowest rank, so they alternate.
+    assert shard.local_users(users) == ["u0", "u3", "u4", "u6"]
+    assert shard.record(data)["users_per_process"] == [4, 4]
+    assert shard.record(data)["pairs_per_process"] == [5, 5]
+    assert shard_module.plan(users, data, personalized=False) is None
+
+
 @pytest.mark.parametrize("mode", ["frozen", "trained"])
 def test_sharded_training_matches_one_process(setup, tmp_path, mode):
     one = _train(setup, tmp_path, mode, 1)

@@ -57,7 +57,8 @@ def is_main_process() -> bool:
 def plan(users: list[str], data: list[Comparison], personalized: bool, mode: str = "auto"):
     """The shard of this process, or ``None`` when nothing is sharded (one process, a shared
     reward, or ``mode="off"``). Users are dealt by comparison count, largest first, each to
-    the least loaded process, so every process steps over about as many pairs. ``users``: the
+    the least loaded process (of equal loads, the one with fewer users), so every process
+    steps over about as many pairs and holds about as many rows. ``users``: the
     order a single process holds them in (the merged model's)."""
     state = _state()
     if mode == "off" or state.num_processes == 1 or not personalized:
@@ -69,11 +70,14 @@ def plan(users: list[str], data: list[Comparison], personalized: bool, mode: str
             f"fill {world} processes: launch at most {len(users)}, or pass --shard-users off"
         )
     counts = Counter(c.user for c in data)
-    loads, owner = [0] * world, {}
+    loads, held, owner = [0] * world, [0] * world, {}
     for user in sorted(users, key=lambda u: -counts[u]):  # stable: ties keep the users' order
-        rank = min(range(world), key=loads.__getitem__)  # ties: the lowest rank
+        # Ties of pairs go to the process with fewer users (users without training pairs
+        # still hold rows and state), then to the lowest rank.
+        rank = min(range(world), key=lambda r: (loads[r], held[r]))
         owner[user] = rank
         loads[rank] += counts[user]
+        held[rank] += 1
     return Shard(state.process_index, world, owner, list(users))
 
 
@@ -105,7 +109,8 @@ class Shard:
             "processes": self.world,
             "users_per_process": [users[r] for r in range(self.world)],
             "pairs_per_process": [pairs[r] for r in range(self.world)],
-            "rule": "by comparison count, largest first, to the least loaded process",
+            "rule": "by comparison count, largest first, to the least loaded process (ties: "
+            "the one with fewer users)",
         }
 
     def gather(self, obj) -> list:
