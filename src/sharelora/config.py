@@ -400,8 +400,8 @@ class TrainConfig:
     cache_prefix: bool = setting(True, "", group="scale", flag=False)
     sparse_users: str = setting(
         "auto",
-        f"row-sparse user tables + lazy Adam (auto: from {SPARSE_USERS_THRESHOLD} users, "
-        "one process)",
+        f"row-sparse user tables + lazy Adam (auto: from {SPARSE_USERS_THRESHOLD} users in a "
+        "process; under several processes only with the users sharded)",
         group="scale",
         choices=SPARSE_USERS,
     )
