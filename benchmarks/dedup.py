@@ -23,11 +23,12 @@ import torch
 from common import machine, parser, table, write_json
 
 from sharelora import AdapterConfig, PersonalizedRewardModel
+from sharelora.batches import epoch_order
+from sharelora.config import TrainConfig
 from sharelora.data import Columns, SplitConfig, read_preferences, split_per_user
 from sharelora.evaluate import predict_margins
 from sharelora.pairs import PairRun, bt_loss, pair_rewards
 from sharelora.prefix import PrefixCache
-from sharelora.train import TrainConfig, _order
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TRAIN_PAIRS = 1200  # pairs of the training epoch timed (a quarter with --quick)
@@ -67,7 +68,7 @@ def settings(quick: bool):
 def epoch_seconds(model, run: PairRun, distinct: bool) -> float:
     """One epoch of forward + backward over ``run.train`` in batches of 16."""
     ds, share = run.train, not model.adapter_config.personalized
-    order = _order(ds, TrainConfig(batch_size=16, group_by_length=True), epoch=0)
+    order = epoch_order(len(ds), ds.lengths, TrainConfig(batch_size=16, group_by_length=True), 0)
     chosen, rejected = run.index[id(ds)]
     start = time.perf_counter()
     for b in range(0, len(order), 16):

@@ -14,7 +14,6 @@ personalization strength and writes the model.
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import time
@@ -24,11 +23,10 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from . import population
+from .batches import epoch_batches
 from .checkpoint import Progress, load_checkpoint, resolve_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import Comparison
@@ -39,20 +37,13 @@ from .pairs import PairRun, bt_loss, pair_correct
 from .prefix import PrefixCache
 from .shard import checkpoints, on_cpu, save
 from .strength import apply_scale, apply_strength
+from .summary import run_summary
 
 __all__ = ["Trainer", "TrainingError"]
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (a non-finite loss, missing checkpoint to resume, ...)."""
-
-
-def _order(n: int, lengths, cfg: TrainConfig, epoch: int) -> list[int]:
-    """This epoch's order of ``n`` pairs (``lengths()``: theirs, read only to group them)."""
-    g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-    if cfg.group_by_length:
-        return list(LengthGroupedSampler(cfg.batch_size, lengths=lengths(), generator=g))
-    return torch.randperm(n, generator=g).tolist()
 
 
 def _setup_accelerator(cfg: TrainConfig) -> Accelerator:
@@ -95,6 +86,7 @@ class Trainer:
         self.train_pairs = len(train_data)  # the users' own (the learner's copies come next)
         self.val_pairs = len(val_data or [])
         self.positions = None  # sharded: where this process's pairs sit among every pair
+        self.lengths = None  # sharded and grouped by length: every pair's length, in order
         if shard is not None:
             self.shard_record = shard.record(train_data)
             self.positions = shard.positions(train_data)
@@ -321,26 +313,12 @@ class Trainer:
 
     def _batches(self, epoch: int):
         """This epoch's ``(batch, loss factor)`` from the current position (mid-epoch after a
-        resume); the factor is ``None`` but when sharded (``Shard.loss_factor``)."""
-        cfg, acc, ds, step = self.cfg, self.acc, self.pairs.train, self.progress.step
+        resume), under a progress bar."""
+        cfg, acc, step = self.cfg, self.acc, self.progress.step
+        sharded = None
         if self.shard is not None:
-            total = math.ceil(self.total / cfg.batch_size)
-            batches = self._shard_batches(epoch, step)
-        else:
-            loader = acc.prepare(
-                DataLoader(
-                    ds,
-                    batch_size=cfg.batch_size,
-                    sampler=_order(len(ds), ds.lengths, cfg, epoch),
-                    collate_fn=ds.collate,
-                    # A DataLoader draws its seed from the global RNG unless it has its own
-                    # generator; that draw would shift the dropout stream after a resume.
-                    generator=torch.Generator().manual_seed(0),
-                )
-            )
-            total = len(loader)
-            skipped = acc.skip_first_batches(loader, step) if step else loader
-            batches = ((batch, None) for batch in skipped)
+            sharded = (self.shard, self.positions, self.total, self.lengths)
+        batches, total = epoch_batches(self.pairs.train, cfg, acc, epoch, step, sharded)
         self.wrapped.train()
         return tqdm(
             batches,
@@ -350,17 +328,6 @@ class Trainer:
             desc=f"epoch {epoch + 1}/{cfg.epochs}",
             disable=not cfg.progress or not acc.is_local_main_process,
         )
-
-    def _shard_batches(self, epoch: int, skip: int):
-        """The global batches of every pair after the first ``skip``, each as this process's
-        share of it (skipped ones are never collated)."""
-        shard, ds = self.shard, self.pairs.train
-        order = _order(self.total, lambda: self.lengths, self.cfg, epoch)
-        shares = shard.local_batches(order, self.positions, self.cfg.batch_size)
-        for local, size in itertools.islice(shares, skip, None):
-            batch = ds.collate([ds[i] for i in local or [0]])
-            batch = {k: v.to(self.acc.device) for k, v in batch.items()}
-            yield batch, shard.loss_factor(local and len(local), size)
 
     def _check_finite(self, loss: torch.Tensor, epoch: int) -> None:
         if not torch.isfinite(loss):
@@ -470,46 +437,7 @@ class Trainer:
                 self.start,
                 median,
             )
-        summary = {
-            "config": asdict(cfg),
-            "train_pairs": self.train_pairs,
-            "val_pairs": self.val_pairs,
-            "truncated_texts": self.pairs.truncated,
-            "steps": self.progress.global_step,
-            "processes": acc.num_processes,
-            "seconds": round(self.progress.seconds, 1),
-            "sparse_users": model.router.sparse_grads,
-            "user_state": cfg.user_state,
-            "user_tables": cfg.user_tables,
-            "deterministic": cfg.deterministic,
-            "prefix_cache": "frozen blocks cached, run in eval mode (no dropout there)"
-            if self.pairs.cache is not None
-            else None,
-            "best_val_macro_accuracy": self.progress.best,
-            "prior": cfg.prior if self.counts is not None else 0.0,
-            "prior_on": cfg.prior_on,
-            "strength": strength,
-            "served": served(model, strength),
-            "population": "trained with every user's pairs"
-            if self.learner is not None
-            else "fixed at the start",
-            "best_epochs": self.progress.best_at or self.progress.epoch,
-            # What serving the population serves: the trained one, or the start it beat.
-            "fallback": "start"
-            if self.scale == "start" or "start" in tried
-            else "trained population",
-            "shrinkage_val": {
-                (s if isinstance(s, str) else f"{s:g}"): {
-                    k: m.get(k) for k in ("macro_accuracy", "loss", "calibrated_loss", "se")
-                }
-                for s, m in tried.items()
-            },
-            "parameters": model.parameter_report(),
-            "head": model.head_init,
-        }
-        if self.shard is not None:
-            summary["shard"] = self.shard_record
-            summary["parameters"] = model.parameter_report(len(self.shard.users))
+        summary = run_summary(self, strength, tried)
         if out is not None:
             save(model, out, summary, self.shard)
             if metrics and acc.is_main_process:
@@ -524,11 +452,3 @@ class Trainer:
             self._begin_epoch(epoch)
             self.run_epoch(epoch)
         return self.finish()
-
-
-def served(model, strength: float) -> str:
-    """What a trained model serves: ``"shared"`` (one reward), ``"population"`` (every user
-    shrunk all the way, κ = ∞) or ``"personal"``."""
-    if not model.adapter_config.personalized:
-        return "shared"
-    return "population" if strength == 0 else "personal"
