@@ -20,7 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .config import PRIOR_GRID, TrainConfig
-from .files import clear_run_state, write_json
+from .files import clear_run_state
 from .shard import is_main_process, save
 from .strength import snapshot
 from .train import Trainer
@@ -54,7 +54,5 @@ def search_prior(model, train_data, val_data, cfg: TrainConfig, output_dir, cach
     summary = {**run["summary"], "prior_search": {f"{t:g}": loss for t, loss in losses.items()}}
     summary["config"] = {**summary["config"], "prior": "auto"}
     if out is not None:
-        save(model, out, summary, shard)
-        if is_main_process():
-            write_json(out / "val_metrics.json", run["val_metrics"])
+        save(model, out, summary, shard, run["val_metrics"])
     return {"summary": summary, "val_metrics": run["val_metrics"], "prefix_cache": cache}

@@ -210,9 +210,7 @@ def fit(
         "select": {k: chosen.get(k) for k in SELECTED},
     }
     if out is not None:
-        save(model, out, summary, shard)
-        if val_metrics and is_main_process():
-            write_json(out / "val_metrics.json", val_metrics)
+        save(model, out, summary, shard, val_metrics)
     return {**run, "summary": summary, "val_metrics": val_metrics}
 
 

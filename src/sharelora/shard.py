@@ -31,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .checkpoint import STATE_FILE, resolve_checkpoint, save_checkpoint
 from .data import Comparison
 from .evaluate import summarize
+from .files import write_json
 from .population import _user_tables
 from .users import UserVocab
 
@@ -282,13 +283,15 @@ def checkpoints(out: Path, shard: Shard | None) -> Path:
     return root if shard is None else root / f"rank-{shard.rank}{ours}"
 
 
-def save(model, directory, training: dict, shard: Shard | None) -> None:
-    """Write the trained model: merged from every shard, else from the main process."""
+def save(model, directory, training: dict, shard: Shard | None, val_metrics=None) -> None:
+    """Write the trained model (merged from every shard, else from the main process) and,
+    when given, its ``val_metrics.json``."""
     if shard is not None:
         shard.save_merged(model, directory, training)
-        return
-    if is_main_process():
+    elif is_main_process():
         model.save_pretrained(directory, training=training)
+    if val_metrics and is_main_process():
+        write_json(Path(directory) / "val_metrics.json", val_metrics)
 
 
 def _candidates(root: Path, name: str) -> dict[tuple, Path]:

@@ -46,12 +46,12 @@ def run_summary(trainer, strength: float, tried: dict) -> dict:
             }
             for s, m in tried.items()
         },
-        "parameters": model.parameter_report(),
+        # Sharded, this process holds some users: the report counts every process's.
+        "parameters": model.parameter_report(len(trainer.shard.users) if trainer.shard else None),
         "head": model.head_init,
     }
     if trainer.shard is not None:
         out["shard"] = trainer.shard_record
-        out["parameters"] = model.parameter_report(len(trainer.shard.users))
     return out
 
 

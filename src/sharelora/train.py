@@ -31,7 +31,7 @@ from .checkpoint import Progress, load_checkpoint, resolve_checkpoint, save_chec
 from .config import TrainConfig
 from .data import Comparison
 from .evaluate import predict_margins, summarize
-from .files import clear_run_state, write_json
+from .files import clear_run_state
 from .optim import build_optimizer, build_scheduler, clip_grad_norm_
 from .pairs import PairRun, bt_loss, pair_correct
 from .prefix import PrefixCache
@@ -439,9 +439,7 @@ class Trainer:
             )
         summary = run_summary(self, strength, tried)
         if out is not None:
-            save(model, out, summary, self.shard)
-            if metrics and acc.is_main_process:
-                write_json(out / "val_metrics.json", metrics)
+            save(model, out, summary, self.shard, metrics)
         if self.log:
             self.log.close()
         acc.wait_for_everyone()
