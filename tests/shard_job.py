@@ -6,6 +6,9 @@ MODE ``frozen``: the start's shared parts frozen, a fixed strength, no refit.
 MODE ``trained``: the shared parts train, with the population learner, row-sparse user tables,
 the best epoch chosen on validation and a refit on every pair (at a fixed strength: the gate
 would serve the untrained start on this little data, and the refit would take no step).
+
+Each process prints its user count and the test metrics (every process's rows, and a user no
+process owns).
 """
 
 import json
@@ -14,6 +17,7 @@ import sys
 
 from sharelora import AdapterConfig, PersonalizedRewardModel
 from sharelora.data import Comparison
+from sharelora.evaluate import evaluate
 from sharelora.recipe import TrainConfig, train
 from sharelora.shard import plan
 
@@ -48,7 +52,11 @@ if __name__ == "__main__":
         cfg = TrainConfig(**common, sparse_users="on", strength=1.0)
         refit = train_rows + val_rows
         result = train(model, train_rows, val_rows, cfg, output, refit_data=refit, shard=shard)
-    summary = result["summary"]
-    line = json.dumps({"processes": summary["processes"], "users": len(model.users)})
+    summary, trained_users = result["summary"], len(model.users)
+    # A user no process owns is scored once, by the population of every process's users.
+    stranger = [Comparison(f"question {j}?", "yes lamp", "no lamp", "stranger") for j in range(3)]
+    test = evaluate(model, tastes(2, 1) + stranger, unknown_user="population", shard=shard)
+    test = {k: test[k] for k in ("n", "macro_accuracy", "unknown_users")}
+    line = json.dumps({"processes": summary["processes"], "users": trained_users, "test": test})
     sys.stdout.write(line + "\n")  # one write: the two processes' lines never interleave
     sys.stdout.flush()

@@ -55,14 +55,16 @@ def _run(args: list[str], cwd: Path) -> list[dict]:
     return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
 
 
-def _train(setup, tmp_path, mode: str, processes: int) -> Path:
+def _train(setup, tmp_path, mode: str, processes: int) -> tuple[Path, dict]:
+    """The run's directory and its test metrics, which every process reports alike."""
     backbone, start = setup
     out = tmp_path / f"{mode}-{processes}"
     job = [str(HERE / "shard_job.py"), backbone, start, str(out), mode]
     printed = _run((LAUNCH_TWO if processes > 1 else []) + job, tmp_path)
     assert [p["processes"] for p in printed] == [processes] * processes
     assert [p["users"] for p in printed] == [6 // processes] * processes  # N/P users each
-    return out
+    assert all(p["test"] == printed[0]["test"] for p in printed)
+    return out, printed[0]["test"]
 
 
 def _assert_same_model(one: Path, two: Path) -> None:
@@ -105,9 +107,20 @@ def test_plan_balances_pairs_then_users(monkeypatch):
 
 @pytest.mark.parametrize("mode", ["frozen", "trained"])
 def test_sharded_training_matches_one_process(setup, tmp_path, mode):
-    one = _train(setup, tmp_path, mode, 1)
-    two = _train(setup, tmp_path, mode, 2)
+    (one, test1), (two, test2) = _train(setup, tmp_path, mode, 1), _train(setup, tmp_path, mode, 2)
     _assert_same_model(one, two)
+    # Every test row is scored once, the stranger's 3 by the population.
+    assert test1["n"] == test2["n"] == 21 + 3
+    assert (
+        test1["unknown_users"]
+        == test2["unknown_users"]
+        == {
+            "policy": "population",
+            "users": 1,
+            "rows": 3,
+        }
+    )
+    assert test2["macro_accuracy"] == pytest.approx(test1["macro_accuracy"], abs=1e-6)
     summary = json.loads((two / "sharelora.json").read_text())["training"]
     assert summary["shard"]["users_per_process"] == [3, 3]
     # Pairs are dealt by count: users have 6..11 training pairs (51 in all; 26 and 25 per

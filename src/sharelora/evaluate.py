@@ -172,19 +172,25 @@ def evaluate(
 
     from .population import POPULATION, add_population_user
 
-    if shard is not None:
-        data = shard.mine(data)
     if unknown_user not in ("error", "population"):
         raise ValueError(f"unknown_user must be 'error' or 'population', got {unknown_user!r}")
-    unknown = sorted({c.user for c in data} - set(model.users))
-    rows = data
-    if not model.adapter_config.personalized:
-        rows = [replace(c, user=model.users.names[0]) for c in data]
-    elif unknown and unknown_user == "error":
+    # Unknown to every process, not just this one: each process decides alike, on all rows.
+    unknown = sorted({c.user for c in data} - set(model.users if shard is None else shard.users))
+    everyone = data
+    personalized = model.adapter_config.personalized
+    if personalized and unknown and unknown_user == "error":
         raise UnknownUserError(
             f"{len(unknown)} user(s) in the data are not in the model: {', '.join(unknown[:5])}; "
             "--unknown-user population scores them with the population model"
         )
+    if shard is not None:
+        if personalized and unknown and model.population is None:
+            # The fallback population is the mean over every process's users, not this one's.
+            model.population = shard.mean_of(model)
+        data = shard.to_score(data)
+    rows = data
+    if not personalized:
+        rows = [replace(c, user=model.users.names[0]) for c in data]
     elif unknown:
         add_population_user(model)
         rows = [c if c.user in model.users else replace(c, user=POPULATION) for c in data]
@@ -200,8 +206,8 @@ def evaluate(
         metrics = summarize(users, margins, method, split, seed)
     gone = set(unknown)
     metrics["unknown_users"] = {
-        "policy": "population" if model.adapter_config.personalized else "shared",
+        "policy": "population" if personalized else "shared",
         "users": len(gone),
-        "rows": sum(c.user in gone for c in data),
+        "rows": sum(c.user in gone for c in everyone),
     }
     return metrics

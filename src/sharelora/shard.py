@@ -102,6 +102,13 @@ class Shard:
     def mine(self, data: list[Comparison] | None) -> list[Comparison] | None:
         return None if data is None else [data[i] for i in self.positions(data)]
 
+    def to_score(self, data: list[Comparison]) -> list[Comparison]:
+        """The rows this process scores: its users' and, dealt by position, those of users no
+        process owns (each process holds the population that scores them)."""
+        return [
+            c for i, c in enumerate(data) if self.owner.get(c.user, i % self.world) == self.rank
+        ]
+
     def record(self, data: list[Comparison]) -> dict:
         """What the run saves about the sharding (``training.shard`` in ``sharelora.json``)."""
         pairs = Counter(self.owner[c.user] for c in data if c.user in self.owner)
