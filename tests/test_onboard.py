@@ -75,9 +75,9 @@ def test_new_rows_start_at_the_population(trained, tmp_path):
     # Training with a prior stored its center (where every user started) as the population.
     assert model.population is not None
     start = population.of(model)
-    tables = {n: t.detach().clone() for n, t in population._user_tables(model).items()}
+    tables = {n: t.detach().clone() for n, t in population.user_tables(model).items()}
     (new_id,) = model.add_users(["zed"])
-    for name, grown in population._user_tables(model).items():
+    for name, grown in population.user_tables(model).items():
         torch.testing.assert_close(grown[new_id], start[name][0])
         assert torch.equal(grown[:new_id], tables[name])
     assert model.router.num_users == 3
@@ -97,7 +97,7 @@ def test_unknown_user_is_an_error_unless_population_asked(trained, tmp_path):
     assert rewards[0] == pytest.approx(rewards[1], abs=1e-6)  # same row, batch rounding aside
     assert model.users.names[-1] == POPULATION
     start = population.of(model)
-    for name, table in population._user_tables(model).items():
+    for name, table in population.user_tables(model).items():
         torch.testing.assert_close(table[-1], start[name][0])
 
 

@@ -54,7 +54,7 @@ def test_strength_zero_serves_the_population_that_trained(tiny_text_backbone, tm
     train(model, opposite_tastes(12), None, _cfg(strength=0.0), tmp_path)
     assert model.users.names == USERS and model.router.num_users == len(USERS)
     learned = model.population
-    tables = population._user_tables(model)
+    tables = population.user_tables(model)
     # Every user is the population, and the population moved: it trained on every pair.
     for name, table in tables.items():
         assert table.shape[0] == len(USERS)
@@ -98,10 +98,10 @@ def test_the_learned_population_learns_what_everyone_shares(tiny_text_backbone):
 
 def test_users_are_the_population_plus_a_deviation_while_it_learns(tiny_text_backbone):
     model = _model(tiny_text_backbone, "sharelora-head")
-    start = {k: v.clone() for k, v in population._user_tables(model).items()}
+    start = {k: v.clone() for k, v in population.user_tables(model).items()}
     learner = population.add_learner(model, lr_scale=4.0)
     assert model.users.names[-1] == population.LEARNER and learner == 2
-    tables = population._user_tables(model)
+    tables = population.user_tables(model)
     for name, table in tables.items():  # every user starts at the population: Δ_u = 0
         torch.testing.assert_close(table[:2], torch.zeros_like(table[:2]), rtol=0, atol=0)
         torch.testing.assert_close(table[2] / 4, start[name][0], rtol=0, atol=0)
@@ -136,7 +136,7 @@ def test_users_are_the_population_plus_a_deviation_while_it_learns(tiny_text_bac
     deviations = {k: v.clone() for k, v in tables.items()}
     population.detach_learner(model, learner)
     assert model.users.names == USERS and all(t.shape[0] == 2 for t in model.user_parameters())
-    for name, table in population._user_tables(model).items():
+    for name, table in population.user_tables(model).items():
         pop = deviations[name][2] / 4
         torch.testing.assert_close(model.population[name][0], pop)
         torch.testing.assert_close(table, deviations[name][:2] + pop)
@@ -246,11 +246,11 @@ def test_a_warmup_trains_the_population_and_leaves_every_deviation_at_zero(tiny_
     model = _model(tiny_text_backbone, "sharelora")
     cfg = _cfg(epochs=2, warmup_epochs=1)
     trainer = Trainer(model, opposite_tastes(8), opposite_tastes(4, seed=1), cfg)
-    before = {k: v.clone() for k, v in population._user_tables(model).items()}
+    before = {k: v.clone() for k, v in population.user_tables(model).items()}
     trainer._begin_epoch(0)
     trainer.run_epoch(0)
     learner = trainer.learner
-    for name, table in population._user_tables(model).items():
+    for name, table in population.user_tables(model).items():
         assert table[:learner].abs().max() == 0  # Δ_u: no pair of theirs, no prior yet
         assert not torch.equal(table[learner], before[name][learner])
     # So validation in the warm-up, routed to user 0, scores the population: Δ_0 = 0.
@@ -287,7 +287,7 @@ def test_the_better_fallback_of_the_start_and_the_trained_population_is_served(
     assert gamma == 0.0 and metrics["gate"]["gain"] == pytest.approx(min(start_loss, 0.6) - 0.59)
     want = start if served == "start" else learned
     assert ("start" in tried) == (served == "start")
-    tables = population._user_tables(model)
+    tables = population.user_tables(model)
     for name, tensor in model.trainable_state_dict().items():
         if name in tables:
             torch.testing.assert_close(tensor, want[name].expand_as(tensor), rtol=0, atol=0)

@@ -145,7 +145,7 @@ def test_freeze_shared_trains_only_the_user_tables(tiny_text_backbone, shared_di
         start, population.from_shared(start, PersonalizedRewardModel.from_pretrained(shared_dir))
     )
     before, after = start.trainable_state_dict(), model.trainable_state_dict()
-    tables = population._user_tables(model)
+    tables = population.user_tables(model)
     for name in after:
         if name in tables:
             assert not torch.equal(after[name], before[name]), name
@@ -176,7 +176,7 @@ def test_with_a_prior_strength_zero_gives_every_user_the_prior_center(tiny_text_
     center = population.mean_of(start)
     model = _model(tiny_text_backbone, user_init="independent")
     train(model, opposite_tastes(12), None, _cfg(strength=0.0, train_population=False))
-    for name, table in population._user_tables(model).items():
+    for name, table in population.user_tables(model).items():
         torch.testing.assert_close(table, center[name].expand_as(table), rtol=0, atol=0)
 
 
@@ -190,7 +190,7 @@ def test_shrinkage_keeps_n_over_n_plus_kappa_of_each_users_deviation(tiny_text_b
     weights = user_weights(counts, 5.0)
     torch.testing.assert_close(weights, torch.tensor([0.5, 0.99]))
     population.lerp(model, base, personal, 0.7, weights)
-    for name, table in population._user_tables(model).items():
+    for name, table in population.user_tables(model).items():
         for user, keep in enumerate(weights.tolist()):
             expected = base[name][0] + keep * (personal[name][user] - base[name][0])
             torch.testing.assert_close(table[user], expected)
@@ -282,7 +282,7 @@ def test_compare_freeze_shared_keeps_the_shared_tensors_of_its_shared_model(
     shared = shared_model.trainable_state_dict()
     for method in methods[1:]:
         model = PersonalizedRewardModel.from_pretrained(tmp_path / method)
-        tables, state = population._user_tables(model), model.trainable_state_dict()
+        tables, state = population.user_tables(model), model.trainable_state_dict()
         kept = [name for name in state if name not in tables]
         assert kept and any(name in tables for name in state)
         start = population.from_shared(model, shared_model)

@@ -155,7 +155,7 @@ def test_deviation_penalty_is_the_prior_on_each_users_summed_loss(tiny_text_back
     got = population.deviation_penalty(model, pair_users, counts)
     # Per pair i: |Δ_u|² / (2 n_u), averaged over the batch, over every per-user table.
     expected = 0.0
-    for name, table in population._user_tables(model).items():
+    for name, table in population.user_tables(model).items():
         center = model.population[name][0]
         for u in pair_users.tolist():
             expected += (table[u] - center).pow(2).sum().item() / (2 * counts[u].item()) / 3
@@ -235,7 +235,7 @@ def test_prior_holds_users_near_the_population(tiny_text_backbone, sparse_users)
     def deviation(model):
         return [
             sum((t[u] - model.population[n][0]).pow(2).sum().item() for n, t in
-                population._user_tables(model).items())
+                population.user_tables(model).items())
             for u in range(2)
         ]  # fmt: skip
 

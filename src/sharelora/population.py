@@ -28,7 +28,8 @@ import torch
 from .config import FACTORINGS
 
 
-def _user_tables(model) -> dict[str, torch.Tensor]:
+def user_tables(model) -> dict[str, torch.Tensor]:
+    """Every per-user table ``[U, ...]``, by its name in the trainable state dict."""
     return {
         f"{name}.{pname}": table
         for name, layer in model.adapter_layers.items()
@@ -38,7 +39,7 @@ def _user_tables(model) -> dict[str, torch.Tensor]:
 
 def _with_rows(model, row_of) -> dict[str, torch.Tensor]:
     """Every trainable tensor, each per-user table replaced by ``row_of(table)`` ``[1, ...]``."""
-    tables = _user_tables(model)
+    tables = user_tables(model)
     return {
         name: (row_of(tables[name]) if name in tables else t).detach().clone()
         for name, t in model.trainable_state_dict().items()
@@ -168,7 +169,7 @@ def add_learner(model, lr_scale: float = 1.0) -> int:
     users' rate, a population fitting users who disagree wanders and drags every user along.
     """
     learner = model.add_users([LEARNER])[0]
-    for table in _user_tables(model).values():
+    for table in user_tables(model).values():
         table[:learner] -= table[learner]
         table[learner] *= lr_scale
     model.router.base_row, model.router.base_scale = learner, lr_scale
@@ -193,7 +194,7 @@ def detach_learner(model, learner: int) -> None:
     name leave the model."""
     if model.users.names[learner:] != [LEARNER] or model.router.base_row != learner:
         raise ValueError(f"user {learner} is not the population learner")
-    for table in _user_tables(model).values():
+    for table in user_tables(model).values():
         table[learner] /= model.router.base_scale
         table[:learner] += table[learner]
     model.router.base_row, model.router.base_scale = None, 1.0
@@ -232,7 +233,7 @@ def lerp(
     on each tensor's own device (the population may have been taken on another). With
     ``user_weight`` ``[N]``, row ``u`` of every per-user table moves by ``user_weight[u]``
     instead (shared tensors by ``weight``)."""
-    tables = _user_tables(model)
+    tables = user_tables(model)
     for name, tensor in model.trainable_state_dict().items():
         base = population[name].to(tensor).expand_as(tensor)
         w = weight

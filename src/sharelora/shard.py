@@ -32,7 +32,7 @@ from .checkpoint import STATE_FILE, resolve_checkpoint, save_checkpoint
 from .data import Comparison
 from .evaluate import summarize
 from .files import write_json
-from .population import _user_tables
+from .population import user_tables
 from .users import UserVocab
 
 __all__ = ["Shard", "checkpoints", "is_main_process", "on_cpu", "plan", "save"]
@@ -200,7 +200,7 @@ class Shard:
         from .population import mean_of
 
         mean = mean_of(model)
-        for name, table in _user_tables(model).items():
+        for name, table in user_tables(model).items():
             total = torch.cat([table.sum(0).flatten().float(), torch.tensor([len(table)])])
             total = total.to(_comm_device())
             dist.all_reduce(total)
@@ -254,7 +254,7 @@ class Shard:
     def save_merged(self, model, directory: str | Path, training: dict) -> None:
         """One model of every user, as a single process saves it: each process sends its
         rows to process 0, which writes ``directory``."""
-        names = list(_user_tables(model))
+        names = list(user_tables(model))
         mine = {n: t.cpu() for n, t in model.trainable_state_dict().items() if n in names}
         parts = [None] * self.world if self.rank == 0 else None
         dist.gather_object((model.users.names, mine), parts, dst=0)
