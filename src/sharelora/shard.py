@@ -18,7 +18,6 @@ channel of its own.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from collections import Counter
 from dataclasses import dataclass
@@ -167,26 +166,27 @@ class Shard:
         (``max_norm`` 0: none). Returns that norm. One all-reduce of the learner's rows and
         one number: the same bytes at any number of users."""
         tables = [t for t in model.user_parameters() if t.grad is not None]
-        rows, rest_sq = [], torch.zeros(1)
+        # Everything stays on the communication device until the one number read at the end:
+        # on a GPU, a host copy per table would wait for the device each time.
+        device = _comm_device()
+        rows, rest_sq = [], torch.zeros(1, device=device)
         for table in tables:
             table.grad.div_(self.world)
             row, sq = _split_row(table.grad, learner)
-            rows.append(row.flatten().float().cpu())
-            rest_sq += sq
-        device = _comm_device()
-        flat = torch.cat([*rows, rest_sq]).to(device)
+            rows.append(row.flatten().float().to(device))
+            rest_sq += sq.to(device)
+        flat = torch.cat([*rows, rest_sq])
         dist.all_reduce(flat)
-        flat = flat.cpu()
-        offset, learner_sq = 0, 0.0
+        offset, learner_sq = 0, torch.zeros((), device=device)
         for table, row in zip(tables, rows, strict=True):
             summed = flat[offset : offset + row.numel()]
             offset += row.numel()
             if learner is not None:
                 table.grad = _put_row(table.grad, learner, summed.view(table.shape[1:]))
-                learner_sq += float(summed.pow(2).sum())
+                learner_sq += summed.pow(2).sum()
         shared = [p.grad for p in model.shared_parameters() if p.grad is not None]
-        shared_sq = sum(float(g.float().pow(2).sum()) for g in shared)  # equal on every rank
-        norm = math.sqrt(shared_sq + float(flat[-1]) + learner_sq)
+        shared_sq = sum((g.float().pow(2).sum().to(device) for g in shared), learner_sq)
+        norm = float((shared_sq + flat[-1]).sqrt())  # equal on every rank
         if max_norm and norm > max_norm:
             scale = max_norm / (norm + 1e-6)  # as torch.nn.utils.clip_grad_norm_
             for g in shared + [t.grad for t in tables]:
@@ -330,18 +330,19 @@ def _comm_device() -> torch.device:
 
 
 def _split_row(grad: torch.Tensor, row: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(grad[row], |grad without that row|² [1])`` of a dense or a row-sparse gradient."""
+    """``(grad[row], |grad without that row|² [1])`` of a dense or a row-sparse gradient, on
+    the gradient's device."""
     shape = grad.shape[1:]
     if grad.is_sparse:
         g = grad.coalesce()
         idx, values = g.indices()[0], g.values()
         hit = idx == row if row is not None else torch.zeros_like(idx, dtype=torch.bool)
         picked = values[hit].sum(0) if hit.any() else values.new_zeros(shape)
-        return picked, values[~hit].float().pow(2).sum().cpu().view(1)
+        return picked, values[~hit].float().pow(2).sum().view(1)
     if row is None:
-        return grad.new_zeros(shape), grad.float().pow(2).sum().cpu().view(1)
+        return grad.new_zeros(shape), grad.float().pow(2).sum().view(1)
     total = grad.float().pow(2).sum() - grad[row].float().pow(2).sum()
-    return grad[row].clone(), total.cpu().view(1)
+    return grad[row].clone(), total.view(1)
 
 
 def _put_row(grad: torch.Tensor, row: int, value: torch.Tensor) -> torch.Tensor:
