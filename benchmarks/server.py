@@ -1,13 +1,14 @@
 """Reward server throughput and latency on loopback, against scoring in-process.
 
-    python benchmarks/server.py [--quick] [--endpoint score|classify] [--json out.json]
+    python benchmarks/server.py [--quick] [--endpoint score|classify] [--users U] [--json out]
 
-Starts ``sharelora serve`` (MiniLM, ``sharelora``, 10 users) in a subprocess on 127.0.0.1,
-then sends ``/score`` requests (or vLLM's ``/classify``, as verl's reward loop calls it: one
-user per request in ``model``) from 1, 8 and 32 concurrent clients (each request holds
-``--rows`` rows; every loop is bounded by a request count and a time limit). The baseline is
-``score_texts`` called in one process on the same rows with the server's batch size. Prints
-rows/s, requests/s, p50 and p99 latency, and throughput as a fraction of in-process.
+Starts ``sharelora serve`` (MiniLM, ``sharelora``, the demo's 10 users or ``--users`` U) in a
+subprocess on 127.0.0.1, then sends ``/score`` requests (or vLLM's ``/classify``, as verl's
+reward loop calls it: one user per request in ``model``) from 1, 8 and 32 concurrent clients
+(each request holds ``--rows`` rows; every loop is bounded by a request count and a time
+limit). The baseline is ``score_texts`` called in one process on the same rows with the
+server's batch size. Prints rows/s, requests/s, p50 and p99 latency, and throughput as a
+fraction of in-process.
 """
 
 from __future__ import annotations
@@ -94,10 +95,19 @@ def main() -> None:
     p = parser(__doc__)
     p.add_argument("--rows", type=int, default=4, help="rows per request")
     p.add_argument("--endpoint", choices=("score", "classify"), default="score")
+    p.add_argument(
+        "--users",
+        type=int,
+        default=0,
+        help="deal the rows round-robin over this many users, so the server's batches mix "
+        "them (0: the demo's own 10 users)",
+    )
     args = p.parse_args()
     requests_per_level = 48 if args.quick else 192
     data, _ = read_preferences("builtin:demo")
     rows = [(c.prompt, c.chosen, c.user) for c in data]
+    if args.users:
+        rows = [(q, a, f"user{i % args.users}") for i, (q, a, _) in enumerate(rows)]
     if args.endpoint == "classify":  # one user per request: the rows in runs of one user
         rows = sorted(rows, key=lambda r: r[2])
     torch.manual_seed(0)
@@ -149,7 +159,10 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(timeout=30)
-    print(f"{machine()}; /{args.endpoint}, {args.rows} rows per request, server batch {BATCH}")
+    print(
+        f"{machine()}; /{args.endpoint}, {len(users)} users, {args.rows} rows per request, "
+        f"server batch {BATCH}"
+    )
     print(f"in-process score_texts: {in_process:.1f} rows/s")
     print(
         table(
@@ -160,6 +173,7 @@ def main() -> None:
     payload = {
         "machine": machine(),
         "endpoint": args.endpoint,
+        "users": len(users),
         "in_process_rows_per_s": in_process,
         "levels": results,
     }
