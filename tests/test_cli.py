@@ -92,6 +92,18 @@ def test_train_writes_the_contract(trained):
     ] == "shared" and training["config"]["init_from"] == str(trained / "shared")
     assert (trained / "select" / "sharelora.json").exists() and training["select"]["served"]
     split = json.loads((trained / "split.json").read_text())
+    # The choosing run starts from the shared model's own choosing run, which trained on the
+    # training fold alone: the refitted shared model saw validation's pairs, and would win
+    # validation by memory. The refit starts from the refitted shared model.
+    chooser = json.loads((trained / "select" / "sharelora.json").read_text())["training"]
+    assert chooser["config"]["init_from"] == str(trained / "shared" / "select")
+    assert training["select"]["init_from"] == chooser["config"]["init_from"]
+    shared_select = json.loads((trained / "shared" / "select" / "sharelora.json").read_text())
+    assert shared_select["training"]["train_pairs"] == split["sizes"]["train"]
+    assert (
+        json.loads((trained / "shared" / "sharelora.json").read_text())["training"]["train_pairs"]
+        == training["train_pairs"]
+    )
     assert split["val_by"] == "text" and training["validation"]["seen_text_share"] == 0.0
     assert (
         training["train_pairs"]

@@ -256,6 +256,13 @@ def test_compare_from_shared_at_strength_zero_equals_shared(tiny_text_backbone, 
         for user, expected in users.items():
             assert results[method]["users"][user] == pytest.approx(expected, rel=1e-5)
         assert results[method]["strength"] == 0.0
+    # Each choosing run (the control's too) starts from the shared model's own, which never
+    # saw a validation pair; each refit from the shared model refitted on them.
+    for method in ("sharelora", "core", "shared+from-shared"):
+        chooser = json.loads((tmp_path / method / "select" / "sharelora.json").read_text())
+        assert chooser["training"]["config"]["init_from"] == str(tmp_path / "shared" / "select")
+        refit = json.loads((tmp_path / method / "sharelora.json").read_text())
+        assert refit["training"]["config"]["init_from"] == str(tmp_path / "shared")
     with pytest.raises(ValueError, match="needs 'shared' among the methods"):
         compare(
             splits,

@@ -12,7 +12,7 @@ from .diagnostics import baseline_of, diagnostics_text, disagreement, paired_gai
 from .evaluate import evaluate
 from .files import write_json, write_text
 from .presets import PRESETS
-from .recipe import TrainConfig, build_model, test_metrics, train
+from .recipe import TrainConfig, build_model, start_of, test_metrics, train
 from .report import accuracy_table, plot_accuracy
 
 
@@ -91,11 +91,14 @@ def compare(
     for method in methods:
         started = time.time()
         base, cfg, _ = method_config(method, config)
+        select_from = None
         if starts_from_shared(method):
             frozen = cfg.freeze_shared or (freeze_shared and base != "shared")
             cfg = replace(cfg, init_from=str(out / "shared"), freeze_shared=frozen)
+            select_from = start_of(out / "shared")
         model = build_model(source, splits.users, replace(adapter, method=base), cfg)
-        run = train(model, splits.train, splits.val, cfg, out / method, False, cache, splits.refit)
+        args = (splits.train, splits.val, cfg, out / method, False, cache, splits.refit)
+        run = train(model, *args, select_from=select_from)
         cache = run["prefix_cache"]
         metrics = test_metrics(model, splits, config, cache)
         metrics["strength"] = run["summary"]["strength"]

@@ -144,13 +144,16 @@ def fit(
     cache=None,
     refit_data=None,
     shard=None,
+    select_from=None,
 ):
     """Train ``model`` in place; with validation, ``refit_data`` and ``cfg.refit``, choose on
     ``train_data``/``val_data`` (in ``OUTPUT/select/``), then train again from the same start
     on ``refit_data`` with the choices made: the epochs (``select_best``), the prior's τ
-    (``prior="auto"``) and the strength's scale. ``shard`` (``sharelora.shard.plan``): the
-    model holds this process's users, and every run trains them on their pairs. Returns
-    ``{"summary", "val_metrics", "prefix_cache"}``."""
+    (``prior="auto"``) and the strength's scale. ``select_from``: the choosing run's start in
+    place of ``cfg.init_from``, when that start was itself refitted on validation's pairs (its
+    own ``select/``): a start that saw them would win validation by memory, not by merit.
+    ``shard`` (``sharelora.shard.plan``): the model holds this process's users, and every run
+    trains them on their pairs. Returns ``{"summary", "val_metrics", "prefix_cache"}``."""
     personalized = model.adapter_config.personalized
     if cfg.prior == "auto" and not personalized:
         cfg = replace(cfg, prior=0.0)  # no user deviations to hold back
@@ -178,7 +181,8 @@ def fit(
     else:
         if out is not None and is_main_process():
             clear_run_state(out)  # the choosing run is not resumed from OUTPUT's checkpoints
-        run = _choose(model, train_data, val_data, cfg, select, resume, cache, None, shard)
+        choosing = replace(cfg, init_from=str(select_from)) if select_from else cfg
+        run = _choose(model, train_data, val_data, choosing, select, resume, cache, None, shard)
         chosen, val_metrics, cache = run["summary"], run["val_metrics"], run["prefix_cache"]
     model.set_trainable(start)
     model.population = start_population
@@ -209,6 +213,8 @@ def fit(
         },
         "select": {k: chosen.get(k) for k in SELECTED},
     }
+    if select_from:
+        summary["select"]["init_from"] = str(select_from)
     if out is not None:
         save(model, out, summary, shard, val_metrics)
     return {**run, "summary": summary, "val_metrics": val_metrics}
@@ -236,6 +242,7 @@ def train(
     prefix_cache=None,
     refit_data: list[Comparison] | None = None,
     shard=None,
+    select_from: str | Path | None = None,
 ) -> dict:
     """Train ``model`` in place with the Bradley-Terry loss (``fit``) under the output's lock;
     returns ``{"summary", "val_metrics", "prefix_cache"}``.
@@ -245,7 +252,8 @@ def train(
     there is one) and, with validation data, ``val_metrics.json``. ``resume`` continues from
     ``checkpoints/last`` exactly: weights, optimizer, schedule, RNG and data position.
     ``shard`` (``sharelora.shard.plan``, under several processes): ``model`` holds this
-    process's users (``shard.local_users``), and the data is every user's.
+    process's users (``shard.local_users``), and the data is every user's. ``select_from``:
+    the choosing run's start (``fit``; ``start_of`` gives it for a shared start).
     """
     config = config or TrainConfig()
     # The lock: two runs writing one directory would corrupt it.
@@ -260,7 +268,16 @@ def train(
             prefix_cache,
             refit_data,
             shard,
+            select_from,
         )
+
+
+def start_of(shared: Path) -> Path | None:
+    """The start a choosing run takes from the shared model in ``shared``, trained on the same
+    split: its own choosing run (``shared/select``), which never saw a validation pair, when it
+    was refitted on them; else ``None`` (``shared`` itself is that start)."""
+    select = Path(shared) / "select"
+    return select if (select / "sharelora.json").exists() else None
 
 
 # -------------------------------------------------------------------------------- test
@@ -300,7 +317,9 @@ def run(c: Configs, log=_log) -> dict:
             log(f"process {shard.rank}: {len(users)} of {len(splits.users)} users")
         model = build_model(c.run, users, c.adapter, cfg, log)
         resume, refit = c.run.resume, splits.refit
-        result = fit(model, splits.train, splits.val, cfg, out, resume, None, refit, shard)
+        select_from = start_of(out / "shared") if from_shared and c.adapter.personalized else None
+        args = (splits.train, splits.val, cfg, out, resume, None, refit, shard, select_from)
+        result = fit(model, *args)
         metrics = None
         if splits.test:
             metrics = test_metrics(model, splits, cfg, result["prefix_cache"], shard)
