@@ -97,8 +97,17 @@ def compare(
             cfg = replace(cfg, init_from=str(out / "shared"), freeze_shared=frozen)
             select_from = start_of(out / "shared")
         model = build_model(source, splits.users, replace(adapter, method=base), cfg)
-        args = (splits.train, splits.val, cfg, out / method, False, cache, splits.refit)
-        run = train(model, *args, select_from=select_from)
+        run = train(
+            model,
+            splits.train,
+            splits.val,
+            cfg,
+            out / method,
+            False,
+            cache,
+            splits.refit,
+            select_from=select_from,
+        )
         cache = run["prefix_cache"]
         metrics = test_metrics(model, splits, config, cache)
         metrics["strength"] = run["summary"]["strength"]

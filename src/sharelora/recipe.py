@@ -147,13 +147,14 @@ def fit(
     select_from=None,
 ):
     """Train ``model`` in place; with validation, ``refit_data`` and ``cfg.refit``, choose on
-    ``train_data``/``val_data`` (in ``OUTPUT/select/``), then train again from the same start
-    on ``refit_data`` with the choices made: the epochs (``select_best``), the prior's τ
-    (``prior="auto"``) and the strength's scale. ``select_from``: the choosing run's start in
-    place of ``cfg.init_from``, when that start was itself refitted on validation's pairs (its
-    own ``select/``): a start that saw them would win validation by memory, not by merit.
-    ``shard`` (``sharelora.shard.plan``): the model holds this process's users, and every run
-    trains them on their pairs. Returns ``{"summary", "val_metrics", "prefix_cache"}``."""
+    ``train_data``/``val_data`` (in ``OUTPUT/select/``), then train again from
+    ``cfg.init_from`` on ``refit_data`` with the choices made: the epochs (``select_best``),
+    the prior's τ (``prior="auto"``) and the strength's scale. ``select_from``: the choosing
+    run's start in place of ``cfg.init_from``, when that start was itself refitted on
+    validation's pairs (its own ``select/``): a start that saw them would be scored on pairs
+    it trained on. ``shard`` (``sharelora.shard.plan``): the model holds this process's
+    users, and every run trains them on their pairs. Returns ``{"summary", "val_metrics",
+    "prefix_cache"}``."""
     personalized = model.adapter_config.personalized
     if cfg.prior == "auto" and not personalized:
         cfg = replace(cfg, prior=0.0)  # no user deviations to hold back
@@ -296,6 +297,7 @@ def run(c: Configs, log=_log) -> dict:
         raise UsageError("--init-from starts from a shared model already: drop --from-shared")
     from_shared = not cfg.init_from if c.run.from_shared is None else c.run.from_shared
     splits = read_split(c.data, c.split, log)
+    select_from = None  # the choosing run's start, where it is not cfg.init_from
     with run_lock(out), deterministic_mode(cfg.deterministic):
         if is_main_process():  # one writer under a launcher
             splits.write_manifest(out / "split.json")
@@ -310,6 +312,7 @@ def run(c: Configs, log=_log) -> dict:
                 )
                 fit(start, splits.train, splits.val, cfg, shared, c.run.resume, None, splits.refit)
             cfg = replace(cfg, init_from=str(shared))
+            select_from = start_of(shared)
         # Several processes: each holds its own users (sharelora.shard).
         shard = plan(splits.users, splits.train, c.adapter.personalized, cfg.shard_users)
         users = splits.users if shard is None else shard.local_users(splits.users)
@@ -317,9 +320,9 @@ def run(c: Configs, log=_log) -> dict:
             log(f"process {shard.rank}: {len(users)} of {len(splits.users)} users")
         model = build_model(c.run, users, c.adapter, cfg, log)
         resume, refit = c.run.resume, splits.refit
-        select_from = start_of(out / "shared") if from_shared and c.adapter.personalized else None
-        args = (splits.train, splits.val, cfg, out, resume, None, refit, shard, select_from)
-        result = fit(model, *args)
+        result = fit(
+            model, splits.train, splits.val, cfg, out, resume, None, refit, shard, select_from
+        )
         metrics = None
         if splits.test:
             metrics = test_metrics(model, splits, cfg, result["prefix_cache"], shard)
