@@ -133,6 +133,10 @@ def run_method(method: str, data, test: Path | None, seed: int, tmp: Path, *flag
         "served": training.get("served"),
         "head": training.get("head"),
         "train_seconds": round(seconds, 1),
+        # What the choosing run decided on (a refit repeats it): each candidate's validation
+        # metrics, and the gate's gains and errors, to set against the test.
+        "validation": training.get("select", training).get("shrinkage_val", {}),
+        "gate": training.get("select", training).get("gate"),
     }
 
 

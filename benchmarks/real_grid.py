@@ -160,6 +160,7 @@ def run_cell(store: dict, path: Path, protocol: str, k, n, seed: int, methods, s
             m: json.loads((Path(tmp) / m / "sharelora.json").read_text())["training"]
             for m in results
         }
+    chosen = {m: t.get("select", t) for m, t in training.items()}
     seconds = round((time.time() - started) / len(results), 1)
     for method, metrics in results.items():
         store["cells"][cell_key(protocol, k, n, seed, method)] = {
@@ -171,7 +172,9 @@ def run_cell(store: dict, path: Path, protocol: str, k, n, seed: int, methods, s
             "room": diag["room"]["rate"],
             "users": {u: v["accuracy"] for u, v in metrics["users"].items()},
             "val_by": splits.manifest["val_by"], "seconds": seconds,
-            "shrinkage_val": training[method].get("shrinkage_val", {}),
+            # A refit repeats the choosing run's choice: its validation losses are the select's.
+            "shrinkage_val": chosen[method].get("shrinkage_val", {}),
+            "gate": chosen[method].get("gate"),
             "prior": training[method]["prior"],
             "prior_search": training[method].get("prior_search"),
         }  # fmt: skip

@@ -12,7 +12,7 @@ from conftest import opposite_tastes
 
 import sharelora.train as train_module
 from sharelora import AdapterConfig, PersonalizedRewardModel, population
-from sharelora.config import METHODS
+from sharelora.config import METHODS, POPULATION_Z
 from sharelora.data import Comparison, SplitConfig, split_per_user
 from sharelora.evaluate import evaluate
 from sharelora.recipe import TrainConfig, train
@@ -169,6 +169,17 @@ def test_the_gate_serves_the_population_unless_validation_shows_a_gain(pop, pers
     assert population_gate(_tried(pop, personal), math.inf)[0] == math.inf
 
 
+@pytest.mark.parametrize("ratio,served", [(0.9, math.inf), (1.1, 0.0)])
+def test_the_gates_margin_is_population_z_standard_errors(ratio, served):
+    # Six users, 10 pairs each, gains m ± 0.1: the user-clustered error is 0.1·√7.2 / 6.
+    se = 0.1 * math.sqrt(7.2) / 6
+    gain = ratio * POPULATION_Z * se
+    personal = [0.69 - gain - 0.1 * (-1) ** i for i in range(6)]
+    chosen, gate = population_gate(_tried([0.69] * 6, personal), 0.0)
+    assert gate["se"] == pytest.approx(se) and gate["gain"] == pytest.approx(gain)
+    assert chosen == served
+
+
 def test_refit_repeats_validations_choices_on_every_pair(tiny_text_backbone, tmp_path):
     data = opposite_tastes(20)
     splits = split_per_user(data, SplitConfig(val=0.2, test=0.0, seed=0, val_by="row"))
@@ -284,7 +295,12 @@ def test_the_better_fallback_of_the_start_and_the_trained_population_is_served(
     gamma, metrics, tried = apply_strength(
         model, "auto", _metrics(0.59, 0.2), evaluate_val, torch.tensor([5, 5]), start=start
     )
-    assert gamma == 0.0 and metrics["gate"]["gain"] == pytest.approx(min(start_loss, 0.6) - 0.59)
+    gate = metrics["gate"]
+    assert gamma == 0.0 and gate["personal_vs_fallback"]["gain"] == pytest.approx(
+        min(start_loss, 0.6) - 0.59
+    )
+    assert gate["population_vs_start"]["gain"] == pytest.approx(start_loss - 0.6)
+    assert gate["personal_vs_fallback"]["scale"] == "0" and gate["z"] == POPULATION_Z
     want = start if served == "start" else learned
     assert ("start" in tried) == (served == "start")
     tables = population.user_tables(model)

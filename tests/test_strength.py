@@ -10,7 +10,7 @@ from conftest import opposite_tastes
 
 from sharelora import AdapterConfig, PersonalizedRewardModel, population
 from sharelora.compare import compare
-from sharelora.config import FACTORINGS, METHODS, SHRINKAGE
+from sharelora.config import FACTORINGS, METHODS, POPULATION_Z, SHRINKAGE
 from sharelora.data import split_per_user
 from sharelora.recipe import TrainConfig, train
 from sharelora.strength import choose_scale, paired_se, user_weights
@@ -213,6 +213,9 @@ def test_auto_strength_is_chosen_on_validation_loss(tiny_text_backbone, tmp_path
     else:  # the strongest shrinkage within one paired error of the lowest loss
         chosen = max(float(s) for s, m in tried.items() if m["calibrated_loss"] - low <= m["se"])
     assert result["summary"]["strength"] == pytest.approx(1 / (1 + chosen), rel=1e-5)
+    # The summary keeps the gate's evidence, and it agrees with what is served.
+    gate = result["summary"]["gate"]["personal_vs_fallback"]
+    assert gate["scale"] == f"{chosen:g}" and gate["gain"] > POPULATION_Z * gate["se"]
     # These users disagree: the population (infinite shrinkage) cannot serve both.
     assert result["summary"]["strength"] >= 0.5
     assert tried["inf"]["macro_accuracy"] < tried["0"]["macro_accuracy"]

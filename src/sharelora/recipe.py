@@ -230,6 +230,7 @@ SELECTED = (
     "served",
     "fallback",
     "shrinkage_val",
+    "gate",
 )
 
 

@@ -169,23 +169,28 @@ def apply_strength(
         _shrink(model, base, personal, scale, counts, median)
         tried[scale] = evaluate_val(f"shrinkage {scale:g}")
     chosen, se = choose_scale(tried, rule)
+    gate = {"z": POPULATION_Z}  # the evidence behind what is served, for the summary
     fallback = None  # None: the trained population
     if start is not None:
         # The start (a trained shared model) is the fallback unless the trained population
         # beats it by the gate's margin too: no extra training that validation cannot show.
         pop.assign(model, start)
         at_start = evaluate_val("start")
-        if math.isinf(population_gate({0.0: tried[math.inf], math.inf: at_start}, 0.0)[0]):
+        kept, gate["population_vs_start"] = population_gate(
+            {0.0: tried[math.inf], math.inf: at_start}, 0.0
+        )
+        if math.isinf(kept):
             fallback = at_start
     options = tried if fallback is None else {**tried, math.inf: fallback}
-    chosen, gate = population_gate(options, chosen)
+    served, gate["personal_vs_fallback"] = population_gate(options, chosen)
+    gate["personal_vs_fallback"]["scale"] = f"{chosen:g}"  # "inf": validation chose T̄
     tried = {s: {**m, "se": se[s]} for s, m in tried.items()}
     if fallback is not None:
         tried["start"] = fallback
-    if fallback is not None and math.isinf(chosen):
+    if fallback is not None and math.isinf(served):
         _serve_start(model, start)
         tried["start"]["gate"] = gate
         return 0.0, tried["start"], tried
-    tried[chosen]["gate"] = gate
-    _shrink(model, base, personal, chosen, counts, median)
-    return 1 / (1 + chosen), tried[chosen], tried
+    tried[served]["gate"] = gate
+    _shrink(model, base, personal, served, counts, median)
+    return 1 / (1 + served), tried[served], tried

@@ -46,6 +46,8 @@ def run_summary(trainer, strength: float, tried: dict) -> dict:
             }
             for s, m in tried.items()
         },
+        # The gate's gains and errors (strength.apply_strength): why this model is served.
+        "gate": next((m["gate"] for m in tried.values() if "gate" in m), None),
         # Sharded, this process holds some users: the report counts every process's.
         "parameters": model.parameter_report(len(trainer.shard.users) if trainer.shard else None),
         "head": model.head_init,
