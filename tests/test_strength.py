@@ -332,7 +332,55 @@ def test_calibrated_loss_is_the_loss_of_the_ranking_at_its_best_scale():
 
 
 def _users(losses: dict[str, tuple[float, int]]) -> dict:
-    return {u: {"calibrated_loss": loss, "n": n} for u, (loss, n) in losses.items()}
+    """Metrics with per-user tables only."""
+    return {"users": {u: {"calibrated_loss": loss, "n": n} for u, (loss, n) in losses.items()}}
+
+
+def _pairs(users: list[str], texts: list[tuple[str, str]], losses: torch.Tensor) -> dict:
+    """Metrics that keep every pair (``summarize(..., texts=...)``), with per-user tables."""
+    table = {}
+    for u, loss in zip(users, losses.tolist(), strict=True):
+        table.setdefault(u, []).append(loss)
+    return {
+        "users": {u: {"calibrated_loss": sum(v) / len(v), "n": len(v)} for u, v in table.items()},
+        "pairs": {"users": users, "texts": texts, "calibrated_loss": losses.tolist()},
+    }
+
+
+@pytest.mark.parametrize("texts_shared", [True, False])
+def test_paired_se_clusters_pairs_by_user_and_by_text(texts_shared):
+    gen = torch.Generator().manual_seed(0)
+    users = [f"u{i % 5}" for i in range(60)]
+    combos = [(a, b) for a in range(8) for b in range(a + 1, 8)]  # 28 pairs of 8 texts
+    picks = torch.randint(0, len(combos), (60,), generator=gen).tolist()
+    if texts_shared:
+        texts = [(f"t{combos[k][0]}", f"t{combos[k][1]}") for k in picks]
+    else:  # every pair its own two texts
+        texts = [(f"a{i}", f"b{i}") for i in range(60)]
+    # Text effects every user shares make pairs over a text move together.
+    effect = torch.randn(8, generator=gen, dtype=torch.float64)
+    shift = torch.tensor([effect[combos[k][0]] - effect[combos[k][1]] for k in picks])
+    la = torch.rand(60, generator=gen, dtype=torch.float64) + (shift if texts_shared else 0)
+    lb = torch.rand(60, generator=gen, dtype=torch.float64)
+    a, b = _pairs(users, texts, la), _pairs(users, texts, lb)
+    # Dense reference: Σ e_i e_j over every two pairs that share a user or a text.
+    e = (la - lb) - (la - lb).mean()
+    dep = torch.tensor(
+        [
+            [u == v or bool(set(s) & set(t)) for v, t in zip(users, texts, strict=True)]
+            for u, s in zip(users, texts, strict=True)
+        ],
+        dtype=torch.float64,
+    )
+    by_user = torch.tensor([[u == v for v in users] for u in users], dtype=torch.float64)
+    variance = max(e @ dep @ e, e @ by_user @ e)
+    expected = (variance * 5 / 4).sqrt() / 60
+    assert paired_se(a, b) == pytest.approx(expected.item(), rel=1e-9)
+    tables = paired_se({"users": a["users"]}, {"users": b["users"]})  # by user alone
+    if texts_shared:  # the shared texts widen the error
+        assert paired_se(a, b) > 1.2 * tables
+    else:  # no two pairs share a text: the error clustered by user alone
+        assert paired_se(a, b) == pytest.approx(tables, rel=1e-9)
 
 
 def test_paired_se_clusters_the_difference_by_user():
@@ -347,9 +395,10 @@ def test_paired_se_clusters_the_difference_by_user():
     assert paired_se(_users({"x": (0.5, 3)}), _users({"x": (0.9, 3)})) == 0.0  # one user
 
 
-def _tried(users_by_scale: dict[float, dict]) -> dict:
+def _tried(metrics_by_scale: dict[float, dict]) -> dict:
     out = {}
-    for scale, users in users_by_scale.items():
+    for scale, metrics in metrics_by_scale.items():
+        users = metrics["users"]
         pairs = sum(v["n"] for v in users.values())
         mean = sum(v["calibrated_loss"] * v["n"] for v in users.values()) / pairs
         out[scale] = {"calibrated_loss": mean, "users": users}

@@ -20,8 +20,12 @@ def summarize(
     split: str,
     seed: int = 0,
     bootstrap: int = 1000,
+    texts: list[tuple[str, str]] | None = None,
 ) -> dict:
-    """The ``metrics.json`` dict (design §4) from per-pair margins ``r+ − r−``."""
+    """The ``metrics.json`` dict (design §4) from per-pair margins ``r+ − r−``. With each
+    pair's ``texts`` (``data.pair_texts``), ``pairs`` also keeps every pair's user, texts and
+    calibrated loss, for an error clustered by user and by text (``strength.paired_se``);
+    ``shard.save`` leaves it out of ``val_metrics.json``."""
     per_user = defaultdict(lambda: {"correct": 0.0, "loss": 0.0, "calibrated_loss": 0.0, "n": 0})
     m = torch.tensor(margins, dtype=torch.float64)
     credit, losses = pair_correct(m).tolist(), F.softplus(-m).tolist()
@@ -54,6 +58,8 @@ def summarize(
     }
     if accs and bootstrap:
         out["macro_accuracy_ci95"] = bootstrap_ci(accs, seed, bootstrap)
+    if texts is not None:
+        out["pairs"] = {"users": users, "texts": texts, "calibrated_loss": calibrated.tolist()}
     return out
 
 

@@ -268,12 +268,14 @@ class Shard:
             model.save_pretrained(directory, training, users=UserVocab(order), tables=merged)
         dist.barrier()  # no process reads the model before it is written
 
-    def metrics(self, users: list[str], margins: list[float], method: str, split: str, **kw):
-        """``summarize`` over every process's pairs."""
-        gathered = self.gather((users, margins))
-        every_user = [u for part, _ in gathered for u in part]
-        every_margin = [m for _, part in gathered for m in part]
-        return summarize(every_user, every_margin, method, split, **kw)
+    def metrics(self, users, margins, method: str, split: str, texts=None, **kw):
+        """``summarize`` over every process's pairs, with their ``texts`` (this process's, in
+        its pairs' order) when given."""
+        gathered = self.gather((users, margins, texts))
+        every_user = [u for part, _, _ in gathered for u in part]
+        every_margin = [m for _, part, _ in gathered for m in part]
+        every_text = None if texts is None else [t for _, _, part in gathered for t in part]
+        return summarize(every_user, every_margin, method, split, texts=every_text, **kw)
 
 
 def checkpoints(out: Path, shard: Shard | None) -> Path:
@@ -297,8 +299,9 @@ def save(model, directory, training: dict, shard: Shard | None, val_metrics=None
         shard.save_merged(model, directory, training)
     elif is_main_process():
         model.save_pretrained(directory, training=training)
-    if val_metrics and is_main_process():
-        write_json(Path(directory) / "val_metrics.json", val_metrics)
+    if val_metrics and is_main_process():  # the per-pair losses stay in memory
+        kept = {k: v for k, v in val_metrics.items() if k != "pairs"}
+        write_json(Path(directory) / "val_metrics.json", kept)
 
 
 def _candidates(root: Path, name: str) -> dict[tuple, Path]:

@@ -58,19 +58,56 @@ def user_weights(counts: torch.Tensor, kappa: float) -> torch.Tensor:
 
 def paired_se(a: dict, b: dict) -> float:
     """Standard error of ``a``'s mean calibrated loss minus ``b``'s on the same validation
-    pairs, clustered by user: ``a`` and ``b`` are ``summarize``'s per-user tables. A user's pairs
-    share their parameters, so they are not independent; their summed difference is. Zero with
-    fewer than two users (the rule then takes the lowest loss)."""
-    n = torch.tensor([a[u]["n"] for u in a], dtype=torch.float64)  # [U]
-    diff = torch.tensor(
-        [a[u]["calibrated_loss"] - b[u]["calibrated_loss"] for u in a], dtype=torch.float64
-    )
-    if len(n) < 2:
+    pairs: ``a`` and ``b`` are ``summarize``'s metrics. Pairs are not independent: a user's
+    share their parameters, and pairs that share a text share its score, for every user who
+    judged it (Jester's validation holds some 35 jokes under every user's pairs). So the error
+    is clustered by user and, where the metrics keep their ``pairs``, by text too
+    (``_shared_text_terms``); never below the error clustered by user alone. Zero with fewer
+    than two users (the rule then takes the lowest loss)."""
+    if len(a["users"]) < 2:
         return 0.0
-    d = n * diff  # [U]: each user's summed difference
-    mean = d.sum() / n.sum()
-    spread = ((d - n * mean) ** 2).sum() * len(n) / (len(n) - 1)
-    return (spread.sqrt() / n.sum()).item()
+    if "pairs" in a and "pairs" in b:  # per pair: [P]
+        users, texts = a["pairs"]["users"], a["pairs"]["texts"]
+        d = torch.tensor(a["pairs"]["calibrated_loss"], dtype=torch.float64)
+        d -= torch.tensor(b["pairs"]["calibrated_loss"], dtype=torch.float64)
+        weight = torch.ones_like(d)
+    else:  # per user: [U], each user's summed difference
+        users, texts = list(a["users"]), None
+        weight = torch.tensor([a["users"][u]["n"] for u in users], dtype=torch.float64)
+        d = weight * torch.tensor(
+            [a["users"][u]["calibrated_loss"] - b["users"][u]["calibrated_loss"] for u in users],
+            dtype=torch.float64,
+        )
+    e = d - weight * d.sum() / weight.sum()  # centred on the mean difference
+    variance = _cluster_sumsq(e, [(u,) for u in users])
+    if texts is not None:  # a shared text's covariance, where it adds (it can come out < 0)
+        variance += max(0.0, _shared_text_terms(e, users, texts))
+    clusters = len(set(users))
+    return (variance * clusters / (clusters - 1)) ** 0.5 / weight.sum().item()
+
+
+def _cluster_sumsq(e: torch.Tensor, keys: list[tuple]) -> float:
+    """``Σ_k (Σ_{i in k} e_i)²``: each item ``i`` adds ``e_i`` to every cluster in ``keys[i]``."""
+    sums: dict = {}
+    for value, mine in zip(e.tolist(), keys, strict=True):
+        for k in mine:
+            sums[k] = sums.get(k, 0.0) + value
+    return sum(v * v for v in sums.values())
+
+
+def _shared_text_terms(e: torch.Tensor, users: list[str], texts: list[tuple[str, str]]) -> float:
+    """What pairs that share a text add to ``Σ e_i e_j`` over every two pairs (a pair with
+    itself too) that share a user or a text: the dyadic-robust variance of Aronow, Samii and
+    Assenova (*Political Analysis* 2015), users one more shared member. By inclusion and
+    exclusion over clusters: a shared text (a pair holds two, so two pairs over the same two
+    texts are counted twice and taken back once), minus the pairs that share a user as well
+    (the user's clusters hold them already)."""
+    both = [frozenset(t) for t in texts]
+    mine = list(zip(users, both, strict=True))
+    by_text = _cluster_sumsq(e, [tuple(t) for t in both]) - _cluster_sumsq(e, [(t,) for t in both])
+    overlap = _cluster_sumsq(e, [tuple((u, t) for t in p) for u, p in mine])
+    overlap -= _cluster_sumsq(e, [((u, p),) for u, p in mine])
+    return by_text - overlap
 
 
 def choose_scale(tried: dict[float, dict], rule: str) -> tuple[float, dict[float, float]]:
@@ -79,7 +116,7 @@ def choose_scale(tried: dict[float, dict], rule: str) -> tuple[float, dict[float
     within one paired standard error of it; also each scale's error against the lowest."""
     lowest = min(tried, key=lambda s: (tried[s]["calibrated_loss"], s))
     low = tried[lowest]["calibrated_loss"]
-    se = {s: paired_se(m["users"], tried[lowest]["users"]) for s, m in tried.items()}
+    se = {s: paired_se(m, tried[lowest]) for s, m in tried.items()}
     if rule != "one-se":
         return lowest, se
     return max(s for s, m in tried.items() if m["calibrated_loss"] - low <= se[s]), se
@@ -93,7 +130,7 @@ def population_gate(tried: dict[float, dict], chosen: float) -> tuple[float, dic
         return chosen, {"gain": 0.0, "se": 0.0}
     population, personal = tried[math.inf], tried[chosen]
     gain = population["calibrated_loss"] - personal["calibrated_loss"]
-    se = paired_se(population["users"], personal["users"])
+    se = paired_se(population, personal)
     return (chosen if gain > POPULATION_Z * se else math.inf), {"gain": gain, "se": se}
 
 

@@ -29,7 +29,7 @@ from . import population
 from .batches import epoch_batches
 from .checkpoint import Progress, load_checkpoint, resolve_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .data import Comparison
+from .data import Comparison, pair_texts
 from .evaluate import predict_margins, summarize
 from .files import clear_run_state
 from .optim import build_optimizer, build_scheduler, clip_grad_norm_
@@ -91,6 +91,9 @@ class Trainer:
             self.shard_record = shard.record(train_data)
             self.positions = shard.positions(train_data)
             train_data, val_data = shard.mine(train_data), shard.mine(val_data)
+        # Each validation pair's texts, in the order it is scored: the gate's error clusters
+        # pairs that share a text as well as a user (strength.paired_se).
+        self.val_texts = [pair_texts(c) for c in val_data or []]
         unknown = sorted({c.user for c in train_data} - set(model.users))
         if unknown:
             raise ValueError(f"training users not in the model: {', '.join(unknown[:5])}")
@@ -370,13 +373,13 @@ class Trainer:
         if self.shard is None:
             margins = predict_margins(self.wrapped, pairs.val, bs, self.acc, pairs, warmup)
             users = self.model.users.decode(pairs.val.user_ids)
-            metrics = summarize(users, margins, method, "val", bootstrap=0)
+            metrics = summarize(users, margins, method, "val", bootstrap=0, texts=self.val_texts)
         else:  # each process its own users' pairs, on its own model; the metrics gathered
             margins, users = [], []
             if pairs.val is not None:
                 margins = predict_margins(self.model, pairs.val, bs, None, pairs, warmup)
                 users = self.model.users.decode(pairs.val.user_ids)
-            metrics = self.shard.metrics(users, margins, method, "val", bootstrap=0)
+            metrics = self.shard.metrics(users, margins, method, "val", self.val_texts, bootstrap=0)
         self._write_log(
             event="eval",
             at=tag,

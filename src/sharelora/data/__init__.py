@@ -3,7 +3,14 @@
 from .collate import PairDataset, PairTokenizer
 from .read import ReadReport, read_preferences
 from .records import Columns, Comparison, DataError
-from .split import SplitConfig, Splits, seen_share, split_per_user, validation_warning
+from .split import (
+    SplitConfig,
+    Splits,
+    pair_texts,
+    seen_share,
+    split_per_user,
+    validation_warning,
+)
 
 __all__ = [
     "Columns",
@@ -14,6 +21,7 @@ __all__ = [
     "ReadReport",
     "SplitConfig",
     "Splits",
+    "pair_texts",
     "read_preferences",
     "seen_share",
     "split_per_user",

@@ -49,7 +49,8 @@ def _fingerprint(rows: list[Comparison]) -> str:
     return h.hexdigest()
 
 
-def _texts(c: Comparison) -> tuple[str, str]:
+def pair_texts(c: Comparison) -> tuple[str, str]:
+    """The pair's two texts, each with its prompt: what a text carve holds out."""
     return (f"{c.prompt}\x1f{c.chosen}", f"{c.prompt}\x1f{c.rejected}")
 
 
@@ -97,7 +98,7 @@ def _split_user(rows: list[Comparison], cfg: SplitConfig, user: str, val_by: str
         if val_by == "group":
             part = "val" if _bucket(cfg.seed, c.group) < val_from + cfg.val else "train"
         else:
-            held = [_bucket(cfg.seed, t) < p_text for t in _texts(c)]
+            held = [_bucket(cfg.seed, t) < p_text for t in pair_texts(c)]
             part = "val" if all(held) else "dropped" if any(held) else "train"
         mine.setdefault(part, []).append(c)
     rng.shuffle(mine["train"])
@@ -109,8 +110,8 @@ def seen_share(rows: list[Comparison], train: list[Comparison]) -> float | None:
     ``train``: high for a validation or test set over known texts, low for new ones."""
     if not rows:
         return None
-    seen = {t for c in train for t in _texts(c)}
-    return sum(all(t in seen for t in _texts(c)) for c in rows) / len(rows)
+    seen = {t for c in train for t in pair_texts(c)}
+    return sum(all(t in seen for t in pair_texts(c)) for c in rows) / len(rows)
 
 
 def validation_warning(splits: Splits) -> str | None:
