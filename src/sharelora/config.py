@@ -48,10 +48,14 @@ STRENGTH_RULES = ("lowest", "one-se")
 PRIOR_ON = ("factors", "weights")
 # How a start from a shared model factors its LoRA update (``population.from_shared``).
 FACTORINGS = ("as-trained", "orthonormal")
-# A personal model is served only when its validation loss beats the population's by more than
-# this many paired, user-clustered standard errors (a 95% interval that excludes 0); else the
-# population is served (``sharelora.strength``).
-POPULATION_Z = 1.96
+# A personal model is served only when its validation loss beats the fallback's by more than
+# this many paired standard errors (clustered by user and by text), and the trained population
+# replaces the shared start as that fallback only where it beats the start by as much
+# (``sharelora.strength``): the one-sided 95% bound of the gain above 0, the question being
+# one-sided (is the candidate better?). The two-sided 1.96 served LLMFAO's shared start, 4.7
+# points below its personal models; one error (1.0) served a personal model on Jester's new
+# jokes that lost 3.2 (docs/research-log.md, "The gate's margin").
+POPULATION_Z = 1.645
 # The precisions ``prior="auto"`` trains at and chooses from on validation (``sharelora.prior``):
 # the default and a quarter of it (on Jester's seen jokes validation preferred ¼ to 1 and 1 to 4).
 PRIOR_GRID = (1.0, 0.25)

@@ -25,10 +25,10 @@ The choice is the lowest loss (``rule="lowest"``, the default) or the one-standa
 (``rule="one-se"``; Breiman et al. 1984; Hastie, Tibshirani and Friedman, *Elements of
 Statistical Learning* §7.10): the strongest shrinkage whose loss is within one standard error
 of the lowest, the error being that of the paired difference with the validation pairs
-clustered by user (``paired_se``). It keeps the population unless validation says clearly that
-users differ: on Jester's new jokes that helped ``independent`` and ``head`` by 1.2-1.4 points,
-but it cost ``sharelora`` 4.9 points on the demo, whose validation holds 12 pairs per user
-(docs/research-log.md).
+clustered by user and by text (``paired_se``). It keeps the population unless validation says
+clearly that users differ: on Jester's new jokes that helped ``independent`` and ``head`` by
+1.2-1.4 points, but it cost ``sharelora`` 4.9 points on the demo, whose validation holds 12
+pairs per user (docs/research-log.md; measured with the error clustered by user alone).
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def choose_scale(tried: dict[float, dict], rule: str) -> tuple[float, dict[float
 
 def population_gate(tried: dict[float, dict], chosen: float) -> tuple[float, dict]:
     """``chosen`` if its calibrated validation loss beats the population's (scale ∞) by more
-    than ``POPULATION_Z`` paired, user-clustered standard errors, else ∞: no personalization
+    than ``POPULATION_Z`` paired standard errors (``paired_se``), else ∞: no personalization
     that validation cannot show. Also the gain and its error."""
     if math.isinf(chosen):
         return chosen, {"gain": 0.0, "se": 0.0}
