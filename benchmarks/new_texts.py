@@ -125,6 +125,7 @@ def run_method(method: str, data, test: Path | None, seed: int, tmp: Path, *flag
         sharelora("eval", "--model", str(out), "--data", str(test), "--output", str(metrics))
     result = json.loads(metrics.read_text())
     training = json.loads((out / "sharelora.json").read_text())["training"]
+    chosen = training.get("select", training)  # a refit repeats its choosing run's choice
     return {
         "macro_accuracy": result["macro_accuracy"],
         "micro_accuracy": result["micro_accuracy"],
@@ -133,10 +134,10 @@ def run_method(method: str, data, test: Path | None, seed: int, tmp: Path, *flag
         "served": training.get("served"),
         "head": training.get("head"),
         "train_seconds": round(seconds, 1),
-        # What the choosing run decided on (a refit repeats it): each candidate's validation
-        # metrics, and the gate's gains and errors, to set against the test.
-        "validation": training.get("select", training).get("shrinkage_val", {}),
-        "gate": training.get("select", training).get("gate"),
+        # What the choosing run decided on: each candidate's validation metrics, and the
+        # gate's gains and errors, to set against the test.
+        "validation": chosen.get("shrinkage_val", {}),
+        "gate": chosen.get("gate"),
     }
 
 
