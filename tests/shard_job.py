@@ -15,6 +15,8 @@ import json
 import random
 import sys
 
+import torch
+
 from sharelora import AdapterConfig, PersonalizedRewardModel
 from sharelora.data import Comparison
 from sharelora.evaluate import evaluate
@@ -60,3 +62,5 @@ if __name__ == "__main__":
     line = json.dumps({"processes": summary["processes"], "users": trained_users, "test": test})
     sys.stdout.write(line + "\n")  # one write: the two processes' lines never interleave
     sys.stdout.flush()
+    if torch.distributed.is_initialized():  # closed before exit, as the CLI does (gloo aborts)
+        torch.distributed.destroy_process_group()

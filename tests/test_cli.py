@@ -525,3 +525,26 @@ def test_train_from_shared_and_init_from_exclude_each_other(tmp_path, capsys):
     argv = ["train", "--data", "builtin:demo", "--output", str(tmp_path / "o")]
     assert main([*argv, "--init-from", str(tmp_path), "--from-shared"]) == 2
     assert "drop --from-shared" in capsys.readouterr().err
+
+
+def test_a_run_that_succeeds_closes_its_process_group(tmp_path, monkeypatch):
+    """A process group left open can abort a gloo process at exit; one that fails stays open
+    (closing it while other ranks wait in a collective would hang them)."""
+    import torch.distributed as dist
+
+    import sharelora.commands
+
+    def run(args, fail=False):
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0,
+                                world_size=1)  # fmt: skip
+        if fail:
+            raise TypeError("boom")
+
+    monkeypatch.setattr(sharelora.commands, "run", run)
+    assert main(["presets"]) == 0
+    assert not dist.is_initialized()
+    monkeypatch.setattr(sharelora.commands, "run", lambda args: run(args, fail=True))
+    with pytest.raises(TypeError, match="boom"):
+        main(["presets"])
+    assert dist.is_initialized()
+    dist.destroy_process_group()

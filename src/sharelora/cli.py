@@ -284,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         from .commands import run
 
         run(args)
+        _close_process_group()
         if demo:
             print(
                 f"demo finished in {time.time() - started:.0f}s; report: {args.output}/report.md, "
@@ -301,6 +302,16 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"sharelora: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
+
+
+def _close_process_group() -> None:
+    """Close a multi-process run's process group after a run that succeeded. Left open, gloo's
+    threads can abort the process as the interpreter tears down ("terminate called without an
+    active exception", exit -6). Not after a failure: a rank that closes while the others are
+    still in a collective would hang them."""
+    dist = sys.modules.get("torch.distributed")  # loaded only if the run used torch
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _is_user_error(err: BaseException) -> bool:
