@@ -103,20 +103,30 @@ def table(store: dict) -> str:
     head = " | ".join(f"{b} accuracy | {b} train s" for b in names)
     rule = "|---|---|" + "---|---|" * len(names) + "---|"
     lines = [f"| cell | method | {head} | time ratio |", rule]
-    for (cell, method), by in sorted(groups.items()):
-        cols, secs = [], {}
+    order = ["shared", "shared-2x", "sharelora", "sharelora-head", "independent"]
+    rank = {m: i for i, m in enumerate(order)}
+    for (cell, method), by in sorted(groups.items(), key=lambda g: (g[0][0], rank.get(g[0][1], 9))):
+        cols = []
         for b in names:
             runs = by.get(b, [])
             if not runs:
                 cols += ["—", "—"]
                 continue
             acc = statistics.mean(r["macro_accuracy"] for r in runs)
-            secs[b] = statistics.mean(r["train_seconds"] for r in runs)
             served = ""  # how many seeds' gates served a personal model (else the population)
             if any(r.get("served") in ("personal", "population") for r in runs):
                 served = f", personal {sum(r['served'] == 'personal' for r in runs)}"
-            cols += [f"{acc:.3f} ({len(runs)} seeds{served})", f"{secs[b]:.0f}"]
-        ratio = f"{secs['smollm2'] / secs['minilm']:.1f}x" if len(secs) == 2 else "—"
+            seeds = f"{len(runs)} seed{'s' if len(runs) > 1 else ''}"
+            cols += [
+                f"{acc:.3f} ({seeds}{served})",
+                f"{statistics.mean(r['train_seconds'] for r in runs):.0f}",
+            ]
+        # The time ratio pairs the seeds both backbones ran (a benchmark run trains them in turns).
+        seeds_of = {b: {r["seed"] for r in by.get(b, [])} for b in ("minilm", "smollm2")}
+        both = seeds_of["minilm"] & seeds_of["smollm2"]
+        paired = {b: sum(r["train_seconds"] for r in by.get(b, []) if r["seed"] in both)
+                  for b in seeds_of}  # fmt: skip
+        ratio = f"{paired['smollm2'] / paired['minilm']:.1f}x" if both else "—"
         lines.append(f"| {cell} | {method} | {' | '.join(cols)} | {ratio} |")
     return "\n".join(lines)
 
