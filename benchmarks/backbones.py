@@ -30,10 +30,11 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from new_texts import DATA, jester_files, record, run_method, ukp_files, write_jsonl
-from real_jester import protocol_splits
+import real_jester
+import real_llmfao
+from new_texts import jester_files, record, run_method, ukp_files, write_jsonl
 
-from sharelora.data import Columns, SplitConfig, read_preferences, split_per_user
+from sharelora.data import read_preferences
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["--top-layers", "1", "--max-length", "128", "--lr", "2e-3"]
@@ -41,18 +42,16 @@ DEMO_SPLIT = ["--val", "0.1", "--test", "0.25"]  # cli.DEMO's split
 
 
 def jester_seen_files(k: int, n: int | None, seed: int):
-    rows, _ = read_preferences(DATA / "jester" / "pairs.jsonl.gz", Columns(group="pair_id"))
-    splits = protocol_splits(rows, "seen", k, n, seed)
+    columns = real_jester.PROTOCOLS["seen"]["columns"]
+    rows, _ = read_preferences(real_jester.DATA, columns)
+    splits = real_jester.protocol_splits(rows, "seen", k, n, seed)
     # The first n training pairs, as the other file cells: the run carves its own validation.
     return splits.train, splits.test
 
 
 def llmfao_files(k: None, n: int | None, seed: int):
-    # 531 rows have an empty response (a model that answered nothing): skipped.
-    source = DATA / "llmfao" / "pairs.jsonl.gz"
-    rows, _ = read_preferences(source, Columns(group="pair_id"), on_bad_rows="skip")
-    cfg = SplitConfig(val=0.0, test=0.2, seed=seed, min_per_user=20, max_per_user=n)
-    splits = split_per_user(rows, cfg)
+    rows, _ = real_llmfao.read_rows()
+    splits = real_llmfao.protocol_splits(rows, seed, n, val=0.0)  # the run carves validation
     return splits.train, splits.test
 
 

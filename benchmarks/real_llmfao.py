@@ -32,19 +32,29 @@ def args_():
     return args
 
 
+def read_rows(path=DATA):
+    """The protocol's rows: 531 have an empty response (a model that answered nothing) and are
+    skipped, as the report counts."""
+    return read_preferences(path, Columns(group="pair_id"), on_bad_rows="skip")
+
+
+def protocol_splits(rows, seed: int, cap: int | None, val: float = 0.1):
+    """Workers with at least 20 judgements, 20% test by ``pair_id``, the first ``cap``
+    training pairs of each."""
+    cfg = SplitConfig(val=val, test=0.2, seed=seed, min_per_user=20, max_per_user=cap)
+    return split_per_user(rows, cfg)
+
+
 def main() -> None:
     args, started = args_(), time.time()
     path = Path(args.json)
     store = open_store(path, args)
-    # 531 rows have an empty response (a model that answered nothing): skipped, as counted.
-    rows, report = read_preferences(args.data, Columns(group="pair_id"), on_bad_rows="skip")
+    rows, report = read_rows(args.data)
     print(report.summary(), flush=True)
     for seed in map(int, args.seeds.split(",")):
         cache = None
         for n in args.n.split(","):
-            cap = None if n == "all" else int(n)
-            cfg = SplitConfig(val=0.1, test=0.2, seed=seed, min_per_user=20, max_per_user=cap)
-            splits = split_per_user(rows, cfg)
+            splits = protocol_splits(rows, seed, None if n == "all" else int(n))
             k = len(splits.users)
             cache = run_cell(store, path, "pair_id", k, n, seed, args.methods.split(","), splits,
                              args, cache)  # fmt: skip
